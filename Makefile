@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make test` and `make sweep`. Everything lands in .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA_ROOT ?= data
+
+.PHONY: test sweep data
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# reinstall when the dependencies change
+$(STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[dev,parallel]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+data: $(STAMP)
+	$(PY) -c "from normsweep.data import obtain_mnist; print(obtain_mnist('$(DATA_ROOT)'))"
+
+sweep: data
+	$(PY) run.py -m norm=bn,gn,ln reg=l1,l2 data.root=$(DATA_ROOT)

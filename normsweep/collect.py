@@ -1,0 +1,348 @@
+"""Turn run folders into results.md, results.csv and plots. Reads files only: never imports torch,
+the model or the trainer, so it runs anywhere the run folders are."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import numbers
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure  # no pyplot: no global figure registry, no backend to pick, headless
+from matplotlib.ticker import MaxNLocator
+
+from normsweep import files
+
+log = logging.getLogger(__name__)
+
+NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}  # dict order is the row order
+REG_SUFFIXES = {"none": "", "l1": " with L1", "l2": " with L2", "l1l2": " with L1 and L2"}
+ROW_KEYS = ("norm.name", "reg.name", "batch_size", "reg.l1", "reg.l2")  # always define a row, own columns
+# Settings that do not change what is measured: runs differing only in these share a row (seeds are averaged).
+NON_EXPERIMENT_KEYS = ("seed", "data.root", "device", "fail_fast", "threads")
+VALUE_NAMES = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc")
+STATUS_UNFINISHED = "unfinished"  # no summary.json: still running, or killed
+STATUS_UNREADABLE = "unreadable"  # a file of the job is corrupt
+STATUS_ORDER = (files.STATUS_COMPLETED, files.STATUS_FAILED, files.STATUS_DIVERGED,
+                STATUS_UNFINISHED, STATUS_UNREADABLE)  # the order of the counts in a Status cell
+CURVE_PANELS = (("train_loss", "Train loss", "loss"), ("train_acc", "Train accuracy", "accuracy (%)"),
+                ("test_loss", "Test loss", "loss"), ("test_acc", "Test accuracy", "accuracy (%)"))
+
+
+class NoRunsError(Exception):
+    """No readable run folder under the given directories."""
+
+
+@dataclass
+class Job:
+    path: Path
+    config: dict[str, object]  # flattened: {"norm.name": "bn", "optim.lr": 0.01, ...}
+    status: str
+    epochs_done: int
+    values: dict[str, float]  # VALUE_NAMES -> number, nan when unknown
+    metrics: pd.DataFrame  # one row per finished epoch, columns as in metrics.jsonl
+
+
+@dataclass
+class Report:
+    rows: pd.DataFrame  # one row per table row, numeric columns: what results.csv holds
+    markdown: str  # what results.md holds
+    out_dir: Path  # where results.md, results.csv and the plots went
+    unfinished_jobs: int  # jobs not completed: failed, diverged, unfinished or unreadable
+    problems: list[str] = field(default_factory=list)  # one message per unreadable file
+
+
+def run_label(norm: str, reg: str) -> str:
+    """'BatchNorm with L1' for ('bn', 'l1'): the row label of the table and the title of the plots."""
+    return NORM_NAMES.get(norm, str(norm)) + REG_SUFFIXES.get(reg, f" with {reg}")
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """{'reg': {'l1': 0.001}} -> {'reg.l1': 0.001}; lists become JSON text so every value is hashable."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def _warn(problems: list[str], message: str) -> None:
+    log.warning("%s", message)
+    problems.append(message)
+
+
+def find_job_dirs(dirs: list[Path]) -> list[Path]:
+    """Every folder under dirs holding a run file; hidden folders (Hydra's .hydra) are never jobs."""
+    found = {}
+    for root in dirs:
+        for here, subdirs, names in os.walk(root):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            if {files.CONFIG, files.SUMMARY, files.METRICS} & set(names):
+                found[Path(here).resolve()] = None
+    return list(found)
+
+
+def _values_from_metrics(metrics: pd.DataFrame) -> dict[str, float]:
+    def column(name: str) -> pd.Series:
+        return pd.to_numeric(metrics[name], errors="coerce") if name in metrics else pd.Series(dtype=float)
+
+    test_acc = column("test_acc")
+    return {"best_train_acc": column("train_acc").max(), "best_test_acc": test_acc.max(),
+            "best_test_loss": column("test_loss").min(),
+            "final_test_acc": test_acc.iloc[-1] if len(test_acc) else np.nan}
+
+
+def read_job(job_dir: Path, problems: list[str]) -> Job | None:
+    """One run folder; None when its config is missing or unreadable, since then it has no row to go in."""
+    try:
+        config = flatten(yaml.safe_load((job_dir / files.CONFIG).read_text()))
+        if "norm.name" not in config or "reg.name" not in config:
+            raise KeyError("norm.name or reg.name missing")  # without them the run has no label
+    except (OSError, yaml.YAMLError, AttributeError, KeyError) as error:
+        _warn(problems, f"{job_dir / files.CONFIG}: unreadable ({error!r}); job left out of the table")
+        return None
+    unreadable = False
+    metrics = pd.DataFrame()
+    if (job_dir / files.METRICS).exists():
+        try:
+            records = [json.loads(line) for line in (job_dir / files.METRICS).read_text().splitlines() if line.strip()]
+            if not all(isinstance(r, dict) for r in records):
+                raise ValueError("a line is not a JSON object")
+            metrics = pd.DataFrame(records)
+        except (OSError, ValueError) as error:
+            _warn(problems, f"{job_dir / files.METRICS}: unreadable ({error})")
+            unreadable = True
+    if "epoch" not in metrics:
+        metrics["epoch"] = range(1, len(metrics) + 1)
+    summary = None
+    if (job_dir / files.SUMMARY).exists():
+        try:
+            summary = json.loads((job_dir / files.SUMMARY).read_text())
+            values = {name: float("nan" if summary.get(name) is None else summary[name]) for name in VALUE_NAMES}
+            epochs_done, status = int(summary.get("epochs_done") or len(metrics)), str(summary["status"])
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            _warn(problems, f"{job_dir / files.SUMMARY}: unreadable ({error!r})")
+            summary, unreadable = None, True
+    if summary is None:  # killed, still running, or unreadable summary: whatever the epochs say
+        values, epochs_done, status = _values_from_metrics(metrics), len(metrics), STATUS_UNFINISHED
+    return Job(job_dir, config, STATUS_UNREADABLE if unreadable else status, epochs_done, values, metrics)
+
+
+def _plain(value: object) -> str:
+    """A config value as a table cell: 0.001, 0, 64, '' for missing."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        return np.format_float_positional(float(value), trim="-")
+    return str(value)
+
+
+def _sort_key(key: tuple) -> tuple:
+    def known_first(value: object, known: dict) -> tuple:
+        return (list(known).index(value), "") if value in known else (len(known), str(value))
+
+    norm, reg, *rest = key
+    return (known_first(norm, NORM_NAMES), known_first(reg, REG_SUFFIXES),
+            *((0, v) if isinstance(v, numbers.Real) else (1, _plain(v)) for v in rest))
+
+
+def _status_text(statuses: list[str]) -> str:
+    counts = Counter(statuses)
+    if set(counts) == {files.STATUS_COMPLETED}:
+        return files.STATUS_COMPLETED
+    order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
+    return ", ".join(f"{counts[s]} {s}" for s in order)
+
+
+def _row(key: tuple, keys: list[str], jobs: list[Job]) -> dict:
+    row = {"label": run_label(key[0], key[1]), **dict(zip(keys, key)), "seeds": len(jobs)}
+    for name in VALUE_NAMES:
+        values = pd.Series([job.values[name] for job in jobs], dtype=float)
+        row[f"{name}_mean"] = values.mean()
+        # Seeds without this value (killed before an epoch) are left out; one seed has std 0, shown as ± 0.00.
+        row[f"{name}_std"] = values.std(ddof=1) if values.count() > 1 else 0.0
+    row["epochs_min"], row["epochs_max"] = min(j.epochs_done for j in jobs), max(j.epochs_done for j in jobs)
+    row["status"] = _status_text([job.status for job in jobs])
+    return row
+
+
+def _markdown(rows: pd.DataFrame, extra_keys: list[str]) -> str:
+    def mean_std(row: dict, name: str, decimals: int) -> str:
+        mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+        return "n/a" if np.isnan(mean) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+    cells = [{
+        "Regularization": row["label"],
+        "Best Train Accuracy": mean_std(row, "best_train_acc", 2),
+        "Best Test Accuracy": mean_std(row, "best_test_acc", 2),
+        "Best Test Loss": mean_std(row, "best_test_loss", 4),
+        "Batch Size": _plain(row["batch_size"]),
+        "L1 Factor": _plain(row["reg.l1"]),
+        "L2 Factor": _plain(row["reg.l2"]),
+        "Final Test Accuracy": mean_std(row, "final_test_acc", 2),
+        "Seeds": str(row["seeds"]),
+        "Epochs": str(row["epochs_min"]) if row["epochs_min"] == row["epochs_max"]
+        else f"{row['epochs_min']}–{row['epochs_max']}",
+        "Status": row["status"],
+        **{key: _plain(row[key]) for key in extra_keys},
+    } for row in rows.to_dict("records")]
+    # disable_numparse: cells are already formatted; tabulate must not turn '0.00001' into '1e-05'
+    return pd.DataFrame(cells).to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def _names(rows: pd.DataFrame, keys: list[str]) -> list[str]:
+    """Row labels, plus 'key=value' for each key that tells apart rows sharing a label."""
+    telling = [k for k in keys if (rows.groupby("label")[k].agg(lambda s: s.map(_plain).nunique()) > 1).any()]
+    return [" ".join([row["label"], *(f"{k}={_plain(row[k])}" for k in telling)]) for row in rows.to_dict("records")]
+
+
+def _save(fig: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    files.write_atomic(path, buffer.getvalue())
+
+
+def plot_curves(names: list[str], groups: list[list[Job]], path: Path) -> Figure:
+    """curves.png: the four per-epoch metrics, one line per table row (named by names) averaged over its seeds."""
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    for name, jobs in zip(names, groups):
+        frames = [job.metrics for job in jobs if len(job.metrics)]
+        if frames:  # mean over seeds, epoch by epoch; a seed that stopped early leaves the later means to the rest
+            curve = pd.concat(frames).groupby("epoch").mean(numeric_only=True)
+            for ax, (column, _, _) in zip(axes, CURVE_PANELS):
+                if column in curve:
+                    ax.plot(curve.index, curve[column], marker="o", markersize=3, label=name)
+    legend = {}
+    for ax, (_, title, ylabel) in zip(axes, CURVE_PANELS):
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels())})
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize="small")
+    fig.suptitle("Training curves (mean over seeds)")
+    _save(fig, path)
+    return fig
+
+
+def plot_batch_size(rows: pd.DataFrame, line_names: list[str], path: Path) -> None:
+    """batch_size.png: one line per norm (strictly: per row name without the batch size) across batch sizes."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for name, line in rows.assign(line=line_names).groupby("line", sort=False):
+        line = line.sort_values("batch_size")
+        ax.errorbar(line["batch_size"], line["best_test_acc_mean"], yerr=line["best_test_acc_std"],
+                    marker="o", capsize=3, label=name)
+    batch_sizes = sorted(rows["batch_size"].dropna().unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batch_sizes, [_plain(b) for b in batch_sizes])
+    ax.minorticks_off()
+    ax.set(xlabel="batch size", ylabel="best test accuracy (%)")
+    fig.suptitle("Best test accuracy against batch size (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize="small")
+    _save(fig, path)
+
+
+def plot_misclassified(job: Job, problems: list[str]) -> None:
+    """misclassified.png in the job folder: up to 10 test images the final model got wrong, 2 rows of 5."""
+    source = job.path / files.MISCLASSIFIED
+    if not source.exists():
+        return
+    try:
+        data = json.loads(source.read_text())
+        items = data["items"]
+        class_names = data.get("class_names") or [str(i) for i in range(10)]
+        images = [np.asarray(item["image"], dtype=np.uint8) for item in items[:10]]  # each (28, 28)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        _warn(problems, f"{source}: unreadable ({error!r}); no {files.MISCLASSIFIED_PNG}")
+        return
+    fig = Figure(figsize=(10, 4.8), layout="constrained")
+    for ax, item, image in zip(fig.subplots(2, 5).ravel(), items, images):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"actual {class_names[item['actual']]} / predicted {class_names[item['predicted']]}", fontsize=9)
+    for ax in fig.axes:
+        ax.axis("off")
+    fig.suptitle(data.get("label") or run_label(job.config["norm.name"], job.config["reg.name"]))
+    _save(fig, job.path / files.MISCLASSIFIED_PNG)
+
+
+def collect(dirs: list[Path]) -> Report:
+    """Read every run folder under dirs; write results.md, results.csv and the plots into dirs[0].
+
+    Raises NoRunsError (and writes nothing) when no run folder with a readable config is found."""
+    dirs, problems = [Path(d) for d in dirs], []
+    job_dirs = find_job_dirs(dirs)
+    jobs = [job for job in (read_job(d, problems) for d in job_dirs) if job is not None]
+    if not jobs:
+        raise NoRunsError(f"no runs (folders with {files.CONFIG}) found under {', '.join(map(str, dirs))}")
+    all_keys = dict.fromkeys(k for job in jobs for k in job.config)  # config order, first seen first
+    extra_keys = [k for k in all_keys if k not in ROW_KEYS and k not in NON_EXPERIMENT_KEYS
+                  and len({job.config.get(k) for job in jobs}) > 1]
+    keys = [*ROW_KEYS, *extra_keys]
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(job.config.get(k) for k in keys), []).append(job)
+    ordered = sorted(groups.items(), key=lambda item: _sort_key(item[0]))
+    rows = pd.DataFrame([_row(key, keys, group) for key, group in ordered])
+    markdown = _markdown(rows, extra_keys)
+    out_dir = dirs[0]
+    files.write_atomic(out_dir / files.RESULTS_MD, markdown)
+    files.write_atomic(out_dir / files.RESULTS_CSV, rows.to_csv(index=False))
+    plot_curves(_names(rows, keys[2:]), [group for _, group in ordered], out_dir / files.CURVES_PNG)
+    if rows["batch_size"].nunique() > 1:
+        plot_batch_size(rows, _names(rows, [k for k in keys[2:] if k != "batch_size"]), out_dir / files.BATCH_SIZE_PNG)
+    for job in jobs:
+        plot_misclassified(job, problems)
+    unfinished = len(job_dirs) - sum(job.status == files.STATUS_COMPLETED for job in jobs)
+    return Report(rows, markdown, out_dir, unfinished, problems)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: exit 0 when every job completed, 1 when some did not, 2 when there is nothing to collect."""
+    parser = argparse.ArgumentParser(prog="normsweep-collect", description=__doc__)
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="SWEEP_DIR",
+                        help="sweep or run folders, searched recursively; results go into the first")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage error (2) or --help (0): return it, as the signature promises
+        return int(exit_.code or 0)
+    handler = logging.StreamHandler(sys.stderr)  # the CLI shows its warnings; under Hydra, Hydra's handlers do
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    try:
+        missing = [d for d in args.dirs if not d.is_dir()]
+        if missing:
+            log.error("not a directory: %s", ", ".join(map(str, missing)))
+            return 2
+        try:
+            report = collect(args.dirs)
+        except NoRunsError as error:
+            log.error("%s", error)
+            return 2
+        print(report.markdown, end="")
+        print(f"\nwrote {report.out_dir / files.RESULTS_MD} and {files.RESULTS_CSV}")
+        if report.unfinished_jobs:
+            log.warning("%d job(s) did not complete", report.unfinished_jobs)
+        return 1 if report.unfinished_jobs else 0
+    finally:
+        log.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

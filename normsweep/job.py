@@ -1,0 +1,112 @@
+"""One job's life in its folder: skip it when it already completed with the same config, resume it from its
+checkpoint when it was interrupted, start it afresh when its config changed; always end with summary.json."""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from normsweep import files
+from normsweep.config import Config, validate
+from normsweep.data import load_data
+from normsweep.model import Net, count_params
+from normsweep.train import Diverged, fit, resolve_device
+
+log = logging.getLogger(__name__)
+
+# Settings that change how a job runs, not what it computes: a rerun that differs only in these is the same job.
+RUNTIME_KEYS = ("fail_fast", "threads")
+RESULT_FILES = (files.SUMMARY, files.METRICS, files.CHECKPOINT, files.MISCLASSIFIED, files.MISCLASSIFIED_PNG)
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def git_state() -> dict:
+    """Commit and dirty flag of the code that ran, or nulls when it does not run from a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "-uno"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+
+
+def _same_job(old: dict | None, new: dict) -> bool:
+    def strip(c: dict) -> dict:
+        return {k: v for k, v in c.items() if k not in RUNTIME_KEYS}
+    return old is not None and strip(old) == strip(new)
+
+
+def summarize(history: list[dict]) -> dict:
+    if not history:
+        return {"best_train_acc": None, "best_test_acc": None, "best_test_loss": None, "final_test_acc": None}
+    return {"best_train_acc": max(r["train_acc"] for r in history), "best_test_acc": max(r["test_acc"] for r in history),
+            "best_test_loss": min(r["test_loss"] for r in history), "final_test_acc": history[-1]["test_acc"]}
+
+
+def run_job(cfg: Config, resolved: dict, job_dir: Path) -> str:
+    """Runs one job into job_dir and returns its status. Bad settings or data raise (ValueError, DataError)
+    before any file is written; a failure during training is recorded in summary.json, not raised."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    config_path = job_dir / files.CONFIG
+    old = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+    summary_path = job_dir / files.SUMMARY
+    if _same_job(old, resolved) and summary_path.exists():
+        previous = json.loads(summary_path.read_text())
+        if previous.get("status") == files.STATUS_COMPLETED:
+            log.info("skipping %s: already completed with the same config", job_dir.name)
+            return files.STATUS_COMPLETED
+    data = load_data(cfg.data.name, cfg.data.root, cfg.data.train_limit, cfg.data.test_limit)
+
+    if not _same_job(old, resolved):
+        if old is not None:
+            log.info("config of %s changed since its last run: starting afresh", job_dir.name)
+        for name in RESULT_FILES:
+            (job_dir / name).unlink(missing_ok=True)
+    summary_path.unlink(missing_ok=True)  # a rerun of a failed job: its new summary replaces the old
+    files.write_atomic(config_path, yaml.safe_dump(resolved, sort_keys=False))
+
+    started = time.time()
+    status, error, extra = files.STATUS_COMPLETED, None, {}
+    try:
+        extra = fit(cfg, job_dir, data, device)
+    except Diverged as e:
+        status, error = files.STATUS_DIVERGED, str(e)
+        log.error("%s diverged: %s", job_dir.name, e)
+    except Exception as e:  # noqa: BLE001 - any failure is recorded and the sweep goes on
+        status, error = files.STATUS_FAILED, f"{type(e).__name__}: {e}"
+        log.exception("%s failed", job_dir.name)
+    history = read_jsonl(job_dir / files.METRICS)
+    summary = {
+        "status": status,
+        "error": error,
+        **summarize(history),
+        "epochs_done": len(history),
+        "params": count_params(Net(cfg.norm.name, cfg.norm.groups, cfg.dropout)),
+        "seconds": sum(r["train_seconds"] + r["test_seconds"] for r in history),
+        "wall_seconds_this_invocation": time.time() - started,
+        "device": str(device),
+        "threads": extra.get("threads"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "command": " ".join(sys.argv),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **git_state(),
+    }
+    files.write_json(summary_path, summary)
+    return status

@@ -1,0 +1,201 @@
+"""The training loop: data resident on the device, per-batch augmentation, SGD + OneCycleLR, L1 as a gradient
+term, one checkpoint per epoch so an interrupted job resumes exactly where it stopped."""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from normsweep import files
+from normsweep.augment import augment
+from normsweep.config import Config
+from normsweep.data import Dataset
+from normsweep.model import Net, count_params
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 1000  # test images per forward pass; no gradients, so large batches are cheap
+DIVERGENCE_CHECK_STEPS = 50  # look for a non-finite loss this often (each look is a host sync on GPU)
+MISCLASSIFIED_SHOWN = 10
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class DeviceData:
+    """The dataset on the training device: uint8 training images (augmented and normalized per batch),
+    normalized float test images (fixed, so prepared once)."""
+
+    train_images: torch.Tensor  # uint8 [N, 28, 28]
+    train_labels: torch.Tensor  # int64 [N]
+    test_inputs: torch.Tensor  # float [M, 1, 28, 28], normalized
+    test_labels: torch.Tensor  # int64 [M]
+    mean: float
+    std: float
+    class_names: tuple[str, ...]
+
+    @classmethod
+    def from_dataset(cls, data: Dataset, device: torch.device) -> "DeviceData":
+        test = (data.test_images.to(device).unsqueeze(1).float() / 255 - data.mean) / data.std
+        return cls(data.train_images.to(device), data.train_labels.to(device), test, data.test_labels.to(device),
+                   data.mean, data.std, data.class_names)
+
+    def train_batch(self, idx: torch.Tensor, use_augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.train_images[idx].unsqueeze(1).float().div_(255)  # [B, 1, 28, 28] in [0, 1]
+        if use_augment:
+            x = augment(x)
+        return (x - self.mean) / self.std, self.train_labels[idx]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA GPU is available here: use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def cores_given() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def add_l1_grad(params: list[torch.Tensor], l1: float) -> None:
+    """Adds the gradient of l1 * sum|w| to each parameter's gradient, the same as adding the penalty to the
+    loss (d|w|/dw = sign(w), 0 at 0, as autograd's abs), without building it into the graph each step."""
+    torch._foreach_add_([p.grad for p in params], torch._foreach_sign(params), alpha=l1)
+
+
+def train_one_epoch(model: Net, optimizer: torch.optim.Optimizer, scheduler, data: DeviceData, cfg: Config,
+                    progress: Optional[Callable] = None) -> dict:
+    model.train()
+    n = len(data.train_labels)
+    order = torch.randperm(n, device=data.train_labels.device)
+    params = [p for p in model.parameters()]
+    loss_sum = torch.zeros((), device=order.device)  # summed on the device: no host sync per batch
+    correct = torch.zeros((), dtype=torch.int64, device=order.device)
+    batches = list(torch.split(order, cfg.batch_size))
+    for step, idx in enumerate(progress(batches) if progress else batches):
+        x, y = data.train_batch(idx, cfg.data.augment)
+        optimizer.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.nll_loss(out, y)
+        loss.backward()
+        if cfg.reg.l1 > 0:
+            add_l1_grad(params, cfg.reg.l1)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (out.detach().argmax(1) == y).sum()
+        if step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(loss_sum):
+            raise Diverged(f"training loss became {loss_sum.item()} at batch {step + 1}")
+    train_loss = loss_sum.item()
+    if not math.isfinite(train_loss):
+        raise Diverged(f"training loss became {train_loss}")
+    return {"train_loss": train_loss / n, "train_acc": 100.0 * correct.item() / n}
+
+
+@torch.inference_mode()
+def evaluate(model: Net, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """-> mean NLL per image, accuracy in percent, predictions [M]."""
+    model.eval()
+    loss_sum, preds = torch.zeros((), device=inputs.device), []
+    for x, y in zip(torch.split(inputs, EVAL_BATCH), torch.split(labels, EVAL_BATCH)):
+        out = model(x)
+        preds.append(out.argmax(1))
+        loss_sum += F.nll_loss(out, y, reduction="sum")
+    pred = torch.cat(preds)
+    return loss_sum.item() / len(labels), 100.0 * (pred == labels).sum().item() / len(labels), pred
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, history: list[dict]) -> None:
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "history": history}, buffer)
+    files.write_atomic(path, buffer.getvalue())
+
+
+def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> dict:
+    """Train (or resume) the job in job_dir. Writes metrics.jsonl and the checkpoint after every epoch and
+    misclassified.json at the end; returns facts for the summary. Raises on failure (Diverged included)."""
+    torch.set_num_threads(cfg.threads or cores_given())
+    torch.manual_seed(cfg.seed)
+    data = DeviceData.from_dataset(dataset, device)
+    model = Net(cfg.norm.name, cfg.norm.groups, cfg.dropout).to(device)
+    params = count_params(model)
+    log.info("model: %s norm, %d parameters; device %s, %d threads; %d train / %d test images", cfg.norm.name,
+             params, device, torch.get_num_threads(), len(data.train_labels), len(data.test_labels))
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.reg.l2)
+    steps_per_epoch = math.ceil(len(data.train_labels) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.max_lr, epochs=cfg.epochs,
+                                                    steps_per_epoch=steps_per_epoch,
+                                                    cycle_momentum=cfg.optim.cycle_momentum)
+    history: list[dict] = []
+    checkpoint = job_dir / files.CHECKPOINT
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        history = state["history"]
+        files.write_jsonl(job_dir / files.METRICS, history)  # drop any epoch logged after the checkpoint
+        log.info("resuming from the checkpoint after epoch %d of %d", len(history), cfg.epochs)
+
+    show_bar = sys.stderr.isatty()
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        progress = None
+        if show_bar:
+            from tqdm import tqdm
+            progress = lambda it: tqdm(it, desc=f"epoch {epoch}", leave=False, file=sys.stderr)  # noqa: E731
+        started = time.perf_counter()
+        row = {"epoch": epoch, **train_one_epoch(model, optimizer, scheduler, data, cfg, progress)}
+        row["lr"] = scheduler.get_last_lr()[0]
+        row["train_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        row["test_loss"], row["test_acc"], _ = evaluate(model, data.test_inputs, data.test_labels)
+        row["test_seconds"] = time.perf_counter() - started
+        history.append(row)
+        log.info("epoch %d/%d train_loss %.4f train_acc %.2f test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
+                 epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"], row["lr"],
+                 row["train_seconds"], row["test_seconds"])
+        files.write_jsonl(job_dir / files.METRICS, history)
+        save_checkpoint(checkpoint, model, optimizer, scheduler, history)
+
+    _, _, pred = evaluate(model, data.test_inputs, data.test_labels)
+    write_misclassified(job_dir, data, pred.cpu())
+    return {"threads": torch.get_num_threads()}
+
+
+def write_misclassified(job_dir: Path, data: DeviceData, pred: torch.Tensor) -> None:
+    """What the collector needs to draw the misclassified grid, so that it never imports torch."""
+    labels = data.test_labels.cpu()
+    wrong = (pred != labels).nonzero().flatten()[:MISCLASSIFIED_SHOWN].tolist()
+    images = ((data.test_inputs[wrong].cpu() * data.std + data.mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    items = [{"index": i, "actual": int(labels[i]), "predicted": int(pred[i]), "image": images[k, 0].tolist()}
+             for k, i in enumerate(wrong)]
+    files.write_json(job_dir / files.MISCLASSIFIED, {"class_names": list(data.class_names), "items": items})

@@ -1,0 +1,207 @@
+"""The collector turns hand-made run folders into exactly the expected table, csv and plots."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from normsweep import files
+from normsweep.collect import collect, main, plot_curves, read_job, run_label
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BASE_CONFIG = {
+    "norm": {"name": "bn", "groups": 4}, "reg": {"name": "none", "l1": 0.0, "l2": 0.0},
+    "batch_size": 64, "epochs": 2, "seed": 1, "dropout": 0.0,
+    "optim": {"lr": 0.01, "momentum": 0.9, "max_lr": 0.1}, "device": "cpu",
+    "data": {"name": "fake", "root": "/data", "train_limit": None, "test_limit": None, "augment": False},
+    "fail_fast": False,
+}
+
+
+def make_job(sweep: Path, name: str, history: list[tuple], status: str | None = "completed",
+             write_metrics: bool = True, **overrides: object) -> Path:
+    """A run folder as the trainer leaves it. history: (train_loss, train_acc, test_loss, test_acc) per epoch;
+    status None leaves out summary.json (a killed job); overrides are dotted keys, e.g. reg__l1=0.001."""
+    config = copy.deepcopy(BASE_CONFIG)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split("__")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / files.CONFIG).write_text(yaml.safe_dump({"hydra": {"job": {"name": "x"}}}))
+    (job / files.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))  # config order, as OmegaConf writes it
+    rows = [{"epoch": i, "train_loss": a, "train_acc": b, "test_loss": c, "test_acc": d, "lr": 0.01,
+             "train_seconds": 1.0, "test_seconds": 0.1} for i, (a, b, c, d) in enumerate(history, start=1)]
+    if write_metrics:
+        files.write_jsonl(job / files.METRICS, rows)
+    if status is not None:
+        best = lambda key, pick: pick(r[key] for r in rows) if rows else None  # noqa: E731
+        files.write_json(job / files.SUMMARY, {
+            "status": status, "error": None if status == "completed" else "boom",
+            "best_train_acc": best("train_acc", max), "best_test_acc": best("test_acc", max),
+            "best_test_loss": best("test_loss", min), "final_test_acc": rows[-1]["test_acc"] if rows else None,
+            "epochs_done": len(rows), "params": 1234, "seconds": 5.0, "git_commit": "abc"})
+    return job
+
+
+def make_two_configs(sweep: Path) -> None:
+    """BatchNorm x 3 seeds and GroupNorm with L1 x 2 seeds; the expected numbers are worked out by hand below."""
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    make_job(sweep, "a", [(0.3, 97.0, 0.020, 99.4), (0.1, 98.0, 0.025, 99.2)], seed=1)
+    make_job(sweep, "b", [(0.3, 97.5, 0.022, 99.3), (0.1, 98.5, 0.021, 99.5)], seed=2)
+    make_job(sweep, "c", [(0.3, 98.0, 0.023, 99.6), (0.1, 99.0, 0.022, 99.5)], seed=3)
+    make_job(sweep, "d", [(0.4, 96.0, 0.040, 98.8), (0.2, 97.0, 0.030, 99.0)], seed=1, norm__name="gn",
+             reg__name="l1", reg__l1=0.001)
+    make_job(sweep, "e", [(0.4, 97.0, 0.035, 99.1), (0.2, 98.0, 0.032, 99.2)], seed=2, norm__name="gn",
+             reg__name="l1", reg__l1=0.001)
+
+
+# BatchNorm: best train 98.0, 98.5, 99.0 -> 98.50 ± 0.50; best test 99.4, 99.5, 99.6 -> 99.50 ± 0.10;
+#   best loss .020, .021, .022 -> 0.0210 ± 0.0010; final 99.2, 99.5, 99.5 -> 99.40 ± sqrt(0.06 / 2) = 0.17.
+# GroupNorm with L1: best train 97, 98 -> 97.50 ± 0.71 (sqrt(0.5)); best test 99.0, 99.2 -> 99.10 ± 0.14;
+#   best loss .030, .032 -> 0.0310 ± 0.0014; final 99.0, 99.2 -> 99.10 ± 0.14.
+EXPECTED_TABLE = """\
+| Regularization    | Best Train Accuracy   | Best Test Accuracy   | Best Test Loss   | Batch Size   | L1 Factor   | L2 Factor   | Final Test Accuracy   | Seeds   | Epochs   | Status    |
+|:------------------|:----------------------|:---------------------|:-----------------|:-------------|:------------|:------------|:----------------------|:--------|:---------|:----------|
+| BatchNorm         | 98.50 ± 0.50          | 99.50 ± 0.10         | 0.0210 ± 0.0010  | 64           | 0           | 0           | 99.40 ± 0.17          | 3       | 2        | completed |
+| GroupNorm with L1 | 97.50 ± 0.71          | 99.10 ± 0.14         | 0.0310 ± 0.0014  | 64           | 0.001       | 0           | 99.10 ± 0.14          | 2       | 2        | completed |
+"""
+
+
+def table_column(markdown: str, heading: str) -> list[str]:
+    lines = markdown.splitlines()
+    headings = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [line.strip("|").split("|")[headings.index(heading)].strip() for line in lines[2:]]
+
+
+def test_seeds_merge_into_rows_with_mean_and_std(tmp_path, capsys):
+    make_two_configs(tmp_path)
+    assert main([str(tmp_path)]) == 0
+    assert (tmp_path / files.RESULTS_MD).read_text() == EXPECTED_TABLE
+    assert EXPECTED_TABLE in capsys.readouterr().out
+    csv = pd.read_csv(tmp_path / files.RESULTS_CSV)
+    assert list(csv["label"]) == ["BatchNorm", "GroupNorm with L1"]
+    assert list(csv["seeds"]) == [3, 2]
+    assert csv["best_test_acc_mean"].tolist() == pytest.approx([99.5, 99.1])
+    assert csv["best_test_acc_std"].tolist() == pytest.approx([0.1, 0.02 ** 0.5])
+    assert csv["best_test_loss_mean"].tolist() == pytest.approx([0.021, 0.031])
+    assert csv["reg.l1"].tolist() == pytest.approx([0.0, 0.001])
+    assert not (tmp_path / files.BATCH_SIZE_PNG).exists()  # one batch size: nothing to plot against
+
+
+def test_mixed_statuses_keep_their_row(tmp_path):
+    make_job(tmp_path, "done", [(0.3, 97.0, 0.03, 98.0)] * 4, seed=1)
+    make_job(tmp_path, "failed", [(0.3, 96.0, 0.03, 97.0)] * 3, status="failed", seed=2)
+    make_job(tmp_path, "killed", [(0.3, 95.0, 0.03, 99.0), (0.3, 95.0, 0.02, 96.0)], status=None, seed=3)
+    make_job(tmp_path, "crashed", [], status="diverged", write_metrics=False, norm__name="ln")
+    report = collect([tmp_path])
+    assert table_column(report.markdown, "Status") == ["1 completed, 1 failed, 1 unfinished", "1 diverged"]
+    assert table_column(report.markdown, "Epochs") == ["2–4", "0"]
+    # The killed job's values come from its metrics: best test 99.0, final 96.0, best loss 0.02.
+    assert table_column(report.markdown, "Best Test Accuracy") == ["98.00 ± 1.00", "n/a"]
+    assert table_column(report.markdown, "Final Test Accuracy") == ["97.00 ± 1.00", "n/a"]
+    assert table_column(report.markdown, "Best Test Loss")[0] == "0.0267 ± 0.0058"
+    assert report.unfinished_jobs == 3
+    assert main([str(tmp_path)]) == 1
+
+
+def test_summary_without_metrics_still_gives_its_row(tmp_path):
+    job = make_job(tmp_path, "a", [(0.3, 97.0, 0.03, 98.0)], write_metrics=False)
+    assert not (job / files.METRICS).exists()
+    report = collect([tmp_path])
+    assert table_column(report.markdown, "Best Test Accuracy") == ["98.00 ± 0.00"]
+    assert table_column(report.markdown, "Status") == ["completed"]
+    assert report.unfinished_jobs == 0
+
+
+def test_varying_extra_keys_get_columns_and_separate_rows(tmp_path):
+    epoch = (0.3, 97.0, 0.03, 98.0)
+    make_job(tmp_path, "a", [epoch], epochs=1, seed=1, data__root="/elsewhere", device="cuda")
+    make_job(tmp_path, "b", [epoch, epoch], epochs=2, seed=2)
+    make_job(tmp_path, "c", [epoch, epoch], epochs=2, seed=3, dropout=0.25)
+    report = collect([tmp_path])
+    header = [cell.strip() for cell in report.markdown.splitlines()[0].strip("|").split("|")]
+    assert header[-3:] == ["Status", "epochs", "dropout"]  # not seed, data.root or device
+    assert table_column(report.markdown, "epochs") == ["1", "2", "2"]
+    assert table_column(report.markdown, "dropout") == ["0", "0", "0.25"]
+    assert table_column(report.markdown, "Seeds") == ["1", "1", "1"]
+
+
+def test_rows_are_ordered_by_norm_then_reg_then_batch_size(tmp_path):
+    epoch = (0.3, 97.0, 0.03, 98.0)
+    combos = [(n, r, 64) for n in ("ln", "gn", "bn") for r in ("l1l2", "none", "l2", "l1")] + [("bn", "none", 128)]
+    for i, (norm, reg, batch_size) in enumerate(combos):
+        make_job(tmp_path, f"job{i}", [epoch], norm__name=norm, reg__name=reg, batch_size=batch_size)
+    report = collect([tmp_path])
+    labels = [run_label(n, r) for n in ("bn", "gn", "ln") for r in ("none", "l1", "l2", "l1l2")]
+    assert table_column(report.markdown, "Regularization") == labels[:1] + labels
+    assert table_column(report.markdown, "Batch Size")[:2] == ["64", "128"]
+    assert labels[3] == "BatchNorm with L1 and L2" and labels[6] == "GroupNorm with L2"
+    assert (tmp_path / files.BATCH_SIZE_PNG).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_no_runs_is_an_error_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / files.CONFIG).write_text("a: 1\n")  # Hydra's own config is not a job
+    assert main([str(tmp_path)]) == 2
+    assert "no runs" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / ".hydra"]
+    assert main([]) == 2  # usage error
+
+
+@pytest.mark.parametrize("corrupt", [files.SUMMARY, files.METRICS])
+def test_corrupt_file_marks_job_unreadable_and_keeps_the_table(tmp_path, capsys, corrupt):
+    make_job(tmp_path, "good", [(0.3, 97.0, 0.03, 98.0)])
+    bad = make_job(tmp_path, "bad", [(0.3, 97.0, 0.03, 98.0)], norm__name="gn")
+    (bad / corrupt).write_text((bad / corrupt).read_text()[:25])  # truncated JSON
+    nolabel = make_job(tmp_path, "nolabel", [(0.3, 97.0, 0.03, 98.0)], norm__name="ln")
+    (nolabel / files.CONFIG).write_text("norm: {name: [")
+    assert main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert str(bad / corrupt) in err and str(nolabel / files.CONFIG) in err
+    markdown = (tmp_path / files.RESULTS_MD).read_text()
+    assert table_column(markdown, "Regularization") == ["BatchNorm", "GroupNorm"]  # no row for a config-less job
+    assert table_column(markdown, "Status") == ["completed", "1 unreadable"]
+    assert collect([tmp_path]).unfinished_jobs == 2
+
+
+def test_plots_are_written(tmp_path):
+    make_two_configs(tmp_path)
+    job = tmp_path / "a"
+    image = [[(row * 9 + col) % 256 for col in range(28)] for row in range(28)]
+    items = [{"index": i, "actual": i % 10, "predicted": (i + 1) % 10, "image": image} for i in range(10)]
+    (job / files.MISCLASSIFIED).write_text(json.dumps(
+        {"label": "BatchNorm", "class_names": [str(i) for i in range(10)], "items": items}))
+    collect([tmp_path])
+    assert (tmp_path / files.CURVES_PNG).read_bytes().startswith(PNG_MAGIC)
+    assert (job / files.MISCLASSIFIED_PNG).read_bytes().startswith(PNG_MAGIC)
+    assert not (tmp_path / "b" / files.MISCLASSIFIED_PNG).exists()  # no json, no plot
+    fig = plot_curves(["BatchNorm"], [[read_job(tmp_path / name, []) for name in "abc"]], tmp_path / "c.png")
+    assert [ax.get_title() for ax in fig.axes] == ["Train loss", "Train accuracy", "Test loss", "Test accuracy"]
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["BatchNorm"]
+    test_acc = fig.axes[3].get_lines()[0]  # mean over the three seeds: (99.4 + 99.3 + 99.6) / 3, then 99.4
+    assert list(test_acc.get_xdata()) == [1, 2]
+    assert list(test_acc.get_ydata()) == pytest.approx([99.4333333, 99.4])
+
+
+def test_results_go_into_the_first_of_several_dirs(tmp_path):
+    make_job(tmp_path / "sweep1", "a", [(0.3, 97.0, 0.03, 98.0)], seed=1)
+    make_job(tmp_path / "sweep2", "a", [(0.3, 97.0, 0.03, 96.0)], seed=2)
+    report = collect([tmp_path / "sweep1", tmp_path / "sweep2"])
+    assert report.out_dir == tmp_path / "sweep1" and (tmp_path / "sweep1" / files.RESULTS_MD).exists()
+    assert table_column(report.markdown, "Best Test Accuracy") == ["97.00 ± 1.41"]
+
+
+def test_collector_does_not_import_torch():
+    code = "import sys, normsweep.collect; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

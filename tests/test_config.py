@@ -1,0 +1,88 @@
+"""Config composition for every choice, and bad settings failing with one clear line before any training."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from normsweep.config import NORMS, REGS, Config, register_configs, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+register_configs()
+
+
+def make(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("reg", REGS)
+def test_every_norm_and_reg_composes(norm, reg):
+    cfg = make(f"norm={norm}", f"reg={reg}")
+    validate(cfg)
+    assert (cfg.norm.name, cfg.reg.name) == (norm, reg)
+    expected = {"none": (0, 0), "l1": (0.001, 0), "l2": (0, 0.001), "l1l2": (0.001, 0.002)}[reg]
+    assert (cfg.reg.l1, cfg.reg.l2) == expected
+
+
+def test_defaults_match_the_reference():
+    cfg = make()
+    assert (cfg.batch_size, cfg.epochs, cfg.seed, cfg.dropout) == (64, 20, 1, 0.03)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.max_lr) == (0.015, 0.7, 0.015)
+    assert (cfg.data.name, cfg.data.root, cfg.data.augment, cfg.device) == ("mnist", "data", True, "auto")
+    assert make("data=fake").data.name == "fake"
+
+
+@pytest.mark.parametrize("override", ["batch_sise=3", "norm.group=2", "batch_size=abc", "data.augment=maybe"])
+def test_typos_and_wrong_types_fail_at_composition(override):
+    with pytest.raises(Exception):
+        make(override)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=0", "batch_size=0 must be a positive integer"),
+    ("epochs=-1", "epochs=-1 must be a positive integer"),
+    ("reg.l1=-0.1", "reg.l1=-0.1 must be >= 0"),
+    ("reg.l2=-1", "reg.l2=-1.0 must be >= 0"),
+    ("dropout=1.0", "dropout=1.0 must be in [0, 1)"),
+    ("dropout=-0.1", "dropout=-0.1 must be in [0, 1)"),
+    ("norm.name=xx", "norm.name='xx' is not one of bn, gn, ln"),
+    ("norm=gn norm.groups=3", "norm.groups=3 must divide every layer's channel count"),
+    ("device=tpu", "device='tpu' is not one of auto, cpu, cuda"),
+])
+def test_bad_values_fail_validation(override, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        validate(make(*override.split()))
+
+
+def run_cli(tmp_path, *args):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args, f"hydra.run.dir={tmp_path}/run",
+                           f"hydra.sweep.dir={tmp_path}/sweep"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["batch_size=0", "data=fake"], "batch_size=0 must be a positive integer"),
+    (["-m", "norm=bn", "dropout=1.5", "data=fake"], "dropout=1.5 must be in [0, 1)"),
+    (["norm=gn", "norm.groups=3", "data=fake"], "norm.groups=3 must divide"),
+    (["norm=xyz", "data=fake"], "Could not find 'norm/xyz'"),
+])
+def test_cli_bad_input_exits_nonzero_with_one_line_and_no_result_folder(tmp_path, args, expected):
+    proc = run_cli(tmp_path, *args)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_cli_corrupt_data_root_fails_before_training(tmp_path):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03truncated")
+    proc = run_cli(tmp_path, f"data.root={tmp_path}/data")
+    assert proc.returncode != 0
+    assert "train-images-idx3-ubyte" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
