@@ -14,6 +14,7 @@ from normsweep import files
 from normsweep.config import register_configs
 from normsweep.data import DataError
 from normsweep.job import run_job
+from normsweep.train import cores_given
 
 register_configs()
 # "-dropout=0.1" for a swept override outside the folder-name keys; "" when there is none
@@ -31,11 +32,23 @@ def remove_if_empty_result(job_dir: Path, mode: RunMode) -> None:
         shutil.rmtree(sweep_dir, ignore_errors=True)
 
 
+def threads_per_job(threads: int, launcher: DictConfig) -> int:
+    """With hydra/launcher=joblib, jobs run side by side: split the cores between them so that together they
+    use every core once (more threads than cores slows everything down). 0 leaves torch's default."""
+    n_jobs = launcher.get("n_jobs")
+    if threads or n_jobs is None:
+        return threads
+    cores = cores_given()
+    jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's meaning of negative n_jobs
+    return max(1, cores // jobs)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     cfg.data.root = hydra.utils.to_absolute_path(cfg.data.root)  # Hydra may run jobs from other folders
+    cfg.threads = threads_per_job(cfg.threads, hydra_cfg.launcher)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
         status = run_job(OmegaConf.to_object(cfg), resolved, job_dir)

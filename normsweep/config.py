@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 NORMS = ("bn", "gn", "ln")
 REGS = ("none", "l1", "l2", "l1l2")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Config:
     seed: int = 1  # seeds torch's RNGs: weights, shuffling, augmentation, dropout
     dropout: float = 0.03  # dropout after every conv block
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16: autocast the training forward pass to bfloat16 (faster on CPUs with AMX/AVX512-BF16 and on GPUs)
     threads: int = 0  # torch CPU threads for this job; 0 = all cores given to the process
     fail_fast: bool = False  # stop a multirun at its first failed job (default: record the failure, go on)
 
@@ -75,9 +77,11 @@ def validate(cfg: Config) -> None:
         (cfg.reg.l1 >= 0, f"reg.l1={cfg.reg.l1} must be >= 0"),
         (cfg.reg.l2 >= 0, f"reg.l2={cfg.reg.l2} must be >= 0"),
         (0 <= cfg.dropout < 1, f"dropout={cfg.dropout} must be in [0, 1)"),
+        (cfg.optim.lr >= 0, f"optim.lr={cfg.optim.lr} must be >= 0"),
         (cfg.optim.max_lr > 0, f"optim.max_lr={cfg.optim.max_lr} must be > 0"),
         (cfg.optim.momentum >= 0, f"optim.momentum={cfg.optim.momentum} must be >= 0"),
         (cfg.device in DEVICES, f"device={cfg.device!r} is not one of {', '.join(DEVICES)}"),
+        (cfg.precision in PRECISIONS, f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}"),
         (cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 = all cores)"),
         (cfg.data.train_limit is None or cfg.data.train_limit > 0, "data.train_limit must be null or a positive integer"),
         (cfg.data.test_limit is None or cfg.data.test_limit > 0, "data.test_limit must be null or a positive integer"),

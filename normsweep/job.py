@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -22,7 +24,9 @@ from normsweep.train import Diverged, fit, resolve_device
 log = logging.getLogger(__name__)
 
 # Settings that change how a job runs, not what it computes: a rerun that differs only in these is the same job.
-RUNTIME_KEYS = ("fail_fast", "threads")
+# The same keys stay out of the folder name (conf/config.yaml) and out of the table's rows (collect.py); data.root
+# is made absolute from the working directory, so the same command run from another folder must still match.
+RUNTIME_KEYS = ("fail_fast", "threads", "device", "data.root")
 RESULT_FILES = (files.SUMMARY, files.METRICS, files.CHECKPOINT, files.MISCLASSIFIED, files.MISCLASSIFIED_PNG)
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -44,10 +48,34 @@ def git_state() -> dict:
         return {"git_commit": None, "git_dirty": None}
 
 
+def _flatten(config: dict, prefix: str = "") -> dict:
+    """{'data': {'root': 'x'}} -> {'data.root': 'x'}"""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _same_job(old: dict | None, new: dict) -> bool:
     def strip(c: dict) -> dict:
-        return {k: v for k, v in c.items() if k not in RUNTIME_KEYS}
-    return old is not None and strip(old) == strip(new)
+        return {k: v for k, v in _flatten(c).items() if k not in RUNTIME_KEYS}
+    return isinstance(old, dict) and strip(old) == strip(new)
+
+
+def _read_previous(path: Path, parse: Callable[[str], object]) -> dict | None:
+    """A file an earlier run left in the job folder, or None when it is missing or unreadable (a damaged file
+    means the earlier results cannot be trusted: the job runs again instead of stopping the sweep)."""
+    if not path.exists():
+        return None
+    try:
+        content = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        log.warning("%s is unreadable (%s): ignoring it", path, e)
+        return None
+    return content if isinstance(content, dict) else None
 
 
 def summarize(history: list[dict]) -> dict:
@@ -63,17 +91,17 @@ def run_job(cfg: Config, resolved: dict, job_dir: Path) -> str:
     validate(cfg)
     device = resolve_device(cfg.device)
     config_path = job_dir / files.CONFIG
-    old = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+    old = _read_previous(config_path, yaml.safe_load)
     summary_path = job_dir / files.SUMMARY
-    if _same_job(old, resolved) and summary_path.exists():
-        previous = json.loads(summary_path.read_text())
+    if _same_job(old, resolved):
+        previous = _read_previous(summary_path, json.loads) or {}
         if previous.get("status") == files.STATUS_COMPLETED:
             log.info("skipping %s: already completed with the same config", job_dir.name)
             return files.STATUS_COMPLETED
     data = load_data(cfg.data.name, cfg.data.root, cfg.data.train_limit, cfg.data.test_limit)
 
     if not _same_job(old, resolved):
-        if old is not None:
+        if config_path.exists():
             log.info("config of %s changed since its last run: starting afresh", job_dir.name)
         for name in RESULT_FILES:
             (job_dir / name).unlink(missing_ok=True)
@@ -104,7 +132,7 @@ def run_job(cfg: Config, resolved: dict, job_dir: Path) -> str:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "host": platform.node(),
-        "command": " ".join(sys.argv),
+        "command": shlex.join(sys.argv),  # quoted: `python <command>` in a shell runs it again
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **git_state(),
     }

@@ -76,6 +76,14 @@ def add_l1_grad(params: list[torch.Tensor], l1: float) -> None:
     torch._foreach_add_([p.grad for p in params], torch._foreach_sign(params), alpha=l1)
 
 
+def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Index batches of one epoch; a lone last sample joins the batch before it (BatchNorm cannot train on one)."""
+    batches = list(torch.split(order, batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
 def train_one_epoch(model: Net, optimizer: torch.optim.Optimizer, scheduler, data: DeviceData, cfg: Config,
                     progress: Optional[Callable] = None) -> dict:
     model.train()
@@ -84,12 +92,13 @@ def train_one_epoch(model: Net, optimizer: torch.optim.Optimizer, scheduler, dat
     params = [p for p in model.parameters()]
     loss_sum = torch.zeros((), device=order.device)  # summed on the device: no host sync per batch
     correct = torch.zeros((), dtype=torch.int64, device=order.device)
-    batches = list(torch.split(order, cfg.batch_size))
+    batches = split_batches(order, cfg.batch_size)
     for step, idx in enumerate(progress(batches) if progress else batches):
         x, y = data.train_batch(idx, cfg.data.augment)
         optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = F.nll_loss(out, y)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = model(x)
+        loss = F.nll_loss(out.float(), y)
         loss.backward()
         if cfg.reg.l1 > 0:
             add_l1_grad(params, cfg.reg.l1)
@@ -150,14 +159,18 @@ def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> d
              params, device, torch.get_num_threads(), len(data.train_labels), len(data.test_labels))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.reg.l2)
-    steps_per_epoch = math.ceil(len(data.train_labels) / cfg.batch_size)
+    steps_per_epoch = len(split_batches(torch.arange(len(data.train_labels)), cfg.batch_size))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.max_lr, epochs=cfg.epochs,
                                                     steps_per_epoch=steps_per_epoch,
                                                     cycle_momentum=cfg.optim.cycle_momentum)
     history: list[dict] = []
     checkpoint = job_dir / files.CHECKPOINT
     if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        try:
+            state = torch.load(checkpoint, map_location=device, weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"{checkpoint}: unreadable ({type(e).__name__}); delete it to restart this job from "
+                               "epoch 1") from e
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

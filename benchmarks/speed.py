@@ -1,0 +1,147 @@
+"""Speed benchmark: the reference pipeline (torchvision MNIST + PIL transforms + DataLoader workers) against
+normsweep's trainer on the same real MNIST images, in one run; and a sweep mode timing run.py end to end.
+
+    python benchmarks/speed.py --data-root data                      # one epoch each, images/s and ratio
+    python benchmarks/speed.py --data-root data --images 12800       # fewer images
+    python benchmarks/speed.py --data-root data --sweep --epochs 2   # 6-run sweep, extrapolated to 20 epochs
+
+The reference pipeline lives here only, never in the product's code path.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from normsweep.config import Config  # noqa: E402
+from normsweep.data import load_data, obtain_mnist  # noqa: E402
+from normsweep.train import DeviceData, train_one_epoch  # noqa: E402
+from normsweep.model import Net  # noqa: E402
+
+
+class ReferenceNet(nn.Module):
+    """The course project's model as written there: nn.Dropout and the norm layer in plain nn.Sequential blocks."""
+
+    def __init__(self, dropout: float = 0.03):
+        super().__init__()
+
+        def block(c_in, c_out, k):
+            return nn.Sequential(nn.Conv2d(c_in, c_out, k, bias=False), nn.ReLU(), nn.BatchNorm2d(c_out), nn.Dropout(dropout))
+
+        self.net = nn.Sequential(block(1, 8, 3), block(8, 16, 3), nn.MaxPool2d(2), nn.Conv2d(16, 8, 1, bias=False),
+                                 block(8, 16, 3), block(16, 16, 3), block(16, 16, 3), nn.AvgPool2d(6), block(16, 16, 1),
+                                 nn.Conv2d(16, 10, 1, bias=False))
+
+    def forward(self, x):
+        return F.log_softmax(self.net(x).view(-1, 10), dim=-1)
+
+
+def reference_images_per_s(raw_dir: Path, images: int, batch_size: int, workers: int) -> float:
+    """torchvision datasets.MNIST with per-sample PIL transforms, DataLoader(shuffle, workers), SGD + OneCycleLR."""
+    from torchvision import datasets, transforms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # torchvision's MNIST reads uncompressed files from <root>/MNIST/raw
+        target = Path(tmp) / "MNIST" / "raw"
+        target.mkdir(parents=True)
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+            src = raw_dir / name
+            if src.exists():
+                shutil.copy(src, target / name)
+            else:
+                with gzip.open(raw_dir / f"{name}.gz") as f_in, open(target / name, "wb") as f_out:
+                    shutil.copyfileobj(f_in, f_out)
+        transform = transforms.Compose([
+            transforms.RandomRotation((-6.0, 6.0), fill=(0,)),
+            transforms.RandomAffine(degrees=7, shear=7, translate=(0.1, 0.1), scale=(0.8, 1.2)),
+            transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1),
+            transforms.ToTensor(),
+            transforms.Normalize((0.1307,), (0.3081,)),
+        ])
+        train = datasets.MNIST(tmp, train=True, download=False, transform=transform)
+        train = torch.utils.data.Subset(train, range(min(images, len(train))))
+        loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=workers)
+        model = ReferenceNet()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.015, momentum=0.7)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.015, epochs=1, steps_per_epoch=len(loader))
+        model.train()
+        started = time.perf_counter()
+        seen = 0
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = F.nll_loss(model(x), y)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(y)
+        return seen / (time.perf_counter() - started)
+
+
+def normsweep_images_per_s(data_root: Path, images: int, batch_size: int, precision: str) -> float:
+    cfg = Config(batch_size=batch_size, epochs=1, precision=precision)
+    data = DeviceData.from_dataset(load_data("mnist", data_root, train_limit=images, test_limit=1000), torch.device("cpu"))
+    model = Net("bn", 4, cfg.dropout)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.015, momentum=0.7)
+    steps = -(-len(data.train_labels) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.015, epochs=1, steps_per_epoch=steps)
+    started = time.perf_counter()
+    train_one_epoch(model, optimizer, scheduler, data, cfg)
+    return len(data.train_labels) / (time.perf_counter() - started)
+
+
+def time_sweep(data_root: Path, epochs: int, extra: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(ROOT / "run.py"), "-m", "norm=bn,gn,ln", "reg=l1,l2", f"epochs={epochs}",
+               f"data.root={data_root}", f"hydra.sweep.dir={tmp}/sweep", *extra]
+        print("$", " ".join(cmd), flush=True)
+        started = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, default=ROOT / "data", help="folder holding MNIST/raw")
+    parser.add_argument("--images", type=int, default=60000, help="training images per pipeline (default one epoch)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
+    parser.add_argument("--workers", type=int, default=2, help="the reference DataLoader's workers")
+    parser.add_argument("--precision", default="fp32", help="normsweep's precision (fp32 | bf16)")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time run.py -m norm=bn,gn,ln reg=l1,l2 instead")
+    parser.add_argument("--epochs", type=int, default=20, help="sweep mode: epochs per run (< 20 extrapolates)")
+    parser.add_argument("overrides", nargs="*", help="sweep mode: extra run.py overrides, e.g. hydra/launcher=joblib")
+    args = parser.parse_args()
+
+    obtain_mnist(args.data_root)
+    raw_dir = args.data_root / "MNIST" / "raw"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}", flush=True)
+    if args.sweep:
+        seconds = time_sweep(args.data_root.resolve(), args.epochs, args.overrides)
+        note = "" if args.epochs == 20 else f" (measured {seconds:.0f} s for {args.epochs} epochs, scaled by 20/{args.epochs})"
+        print(f"sweep: 6 runs x 20 epochs: {seconds * 20 / args.epochs / 60:.1f} min{note}")
+        return
+    ours = normsweep_images_per_s(args.data_root, args.images, args.batch_size, args.precision)
+    print(f"normsweep ({args.precision}): {ours:8.0f} train images/s", flush=True)
+    if not args.skip_reference:
+        ref = reference_images_per_s(raw_dir, args.images, args.batch_size, args.workers)
+        print(f"reference:         {ref:8.0f} train images/s")
+        print(f"ratio normsweep / reference: {ours / ref:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
