@@ -17,9 +17,6 @@ from normsweep.job import run_job
 from normsweep.train import cores_given
 
 register_configs()
-# "-dropout=0.1" for a swept override outside the folder-name keys; "" when there is none
-OmegaConf.register_new_resolver("job_suffix", lambda overrides: f"-{overrides.replace('/', '_')}" if overrides else "",
-                                replace=True)
 
 
 def remove_if_empty_result(job_dir: Path, mode: RunMode) -> None:

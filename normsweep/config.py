@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 NORMS = ("bn", "gn", "ln")
 REGS = ("none", "l1", "l2", "l1l2")
@@ -65,6 +66,11 @@ def register_configs() -> None:
     """The schema: conf/config.yaml lists `base_config` first in its defaults, so every group file and
     command-line override is merged into these dataclasses and checked for unknown keys and wrong types."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    # job folder suffix: "-dropout=0.1" for overrides outside the folder-name keys, "" when there are none
+    OmegaConf.register_new_resolver("job_suffix", lambda overrides: f"-{overrides.replace('/', '_')}" if overrides else "",
+                                    replace=True)
+    # the linear scaling rule (Goyal et al. 2017): a learning rate tuned at batch 64, scaled to batch_size
+    OmegaConf.register_new_resolver("lr_for_batch", lambda lr, batch_size: lr * batch_size / 64, replace=True)
 
 
 def validate(cfg: Config) -> None:
