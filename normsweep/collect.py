@@ -23,11 +23,9 @@ from normsweep import files
 
 log = logging.getLogger(__name__)
 
-NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}  # dict order is the row order
-REG_SUFFIXES = {"none": "", "l1": " with L1", "l2": " with L2", "l1l2": " with L1 and L2"}
 ROW_KEYS = ("norm.name", "reg.name", "batch_size", "reg.l1", "reg.l2")  # always define a row, own columns
 # Settings that do not change what is measured: runs differing only in these share a row (seeds are averaged).
-NON_EXPERIMENT_KEYS = ("seed", "data.root", "device", "fail_fast", "threads")
+NON_EXPERIMENT_KEYS = ("seed", *files.RUNTIME_KEYS)
 VALUE_NAMES = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc")
 STATUS_UNFINISHED = "unfinished"  # no summary.json: still running, or killed
 STATUS_UNREADABLE = "unreadable"  # a file of the job is corrupt
@@ -58,11 +56,6 @@ class Report:
     out_dir: Path  # where results.md, results.csv and the plots went
     unfinished_jobs: int  # jobs not completed: failed, diverged, unfinished or unreadable
     problems: list[str] = field(default_factory=list)  # one message per unreadable file
-
-
-def run_label(norm: str, reg: str) -> str:
-    """'BatchNorm with L1' for ('bn', 'l1'): the row label of the table and the title of the plots."""
-    return NORM_NAMES.get(norm, str(norm)) + REG_SUFFIXES.get(reg, f" with {reg}")
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -156,7 +149,7 @@ def _sort_key(key: tuple) -> tuple:
         return (list(known).index(value), "") if value in known else (len(known), str(value))
 
     norm, reg, *rest = key
-    return (known_first(norm, NORM_NAMES), known_first(reg, REG_SUFFIXES),
+    return (known_first(norm, files.NORM_NAMES), known_first(reg, files.REG_SUFFIXES),
             *((0, v) if isinstance(v, numbers.Real) else (1, _plain(v)) for v in rest))
 
 
@@ -169,7 +162,7 @@ def _status_text(statuses: list[str]) -> str:
 
 
 def _row(key: tuple, keys: list[str], jobs: list[Job]) -> dict:
-    row = {"label": run_label(key[0], key[1]), **dict(zip(keys, key)), "seeds": len(jobs)}
+    row = {"label": files.run_label(key[0], key[1]), **dict(zip(keys, key)), "seeds": len(jobs)}
     for name in VALUE_NAMES:
         values = pd.Series([job.values[name] for job in jobs], dtype=float)
         row[f"{name}_mean"] = values.mean()
@@ -278,7 +271,7 @@ def plot_misclassified(job: Job, problems: list[str]) -> None:
         ax.set_title(f"actual {class_names[item['actual']]} / predicted {class_names[item['predicted']]}", fontsize=9)
     for ax in fig.axes:
         ax.axis("off")
-    fig.suptitle(data.get("label") or run_label(job.config["norm.name"], job.config["reg.name"]))
+    fig.suptitle(data.get("label") or files.run_label(job.config["norm.name"], job.config["reg.name"]))
     _save(fig, job.path / files.MISCLASSIFIED_PNG)
 
 

@@ -2,6 +2,7 @@
 so that typos and wrong types fail when the config is composed, before any training."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -12,6 +13,7 @@ NORMS = ("bn", "gn", "ln")
 REGS = ("none", "l1", "l2", "l1l2")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+LOGGERS = ("none", "tensorboard")
 
 
 @dataclass
@@ -39,8 +41,10 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist | fake (small synthetic digits for tests and smoke runs)
-    root: str = "data"  # folder holding MNIST/raw/ (fetched there if absent); relative to where you run
+    name: str = "mnist"  # mnist | fashion_mnist | fake (small synthetic digits for tests and smoke runs)
+    # folder holding MNIST/raw/ or FashionMNIST/raw/ (fetched there if absent; Fashion-MNIST is also read from
+    # Debian's dataset-fashion-mnist package); relative to where you run
+    root: str = "data"
     train_limit: Optional[int] = None  # use only the first N training images (null = all)
     test_limit: Optional[int] = None  # use only the first N test images (null = all)
     augment: bool = True  # rotation/shear/translate/scale + brightness/contrast jitter on training batches
@@ -60,6 +64,9 @@ class Config:
     precision: str = "fp32"  # fp32 | bf16: autocast the training forward pass to bfloat16 (faster on CPUs with AMX/AVX512-BF16 and on GPUs)
     threads: int = 0  # torch CPU threads for this job; 0 = all cores given to the process
     fail_fast: bool = False  # stop a multirun at its first failed job (default: record the failure, go on)
+    # none | tensorboard: also write every per-epoch metric as TensorBoard scalars into <job>/tensorboard/
+    # (needs the tensorboard package: pip install -e '.[tensorboard]')
+    logger: str = "none"
 
 
 def register_configs() -> None:
@@ -88,6 +95,10 @@ def validate(cfg: Config) -> None:
         (cfg.optim.momentum >= 0, f"optim.momentum={cfg.optim.momentum} must be >= 0"),
         (cfg.device in DEVICES, f"device={cfg.device!r} is not one of {', '.join(DEVICES)}"),
         (cfg.precision in PRECISIONS, f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}"),
+        (cfg.logger in LOGGERS, f"logger={cfg.logger!r} is not one of {', '.join(LOGGERS)}"),
+        # checked here, not at the first epoch's end: a sweep must not train for nothing
+        (cfg.logger != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+         "logger=tensorboard needs the tensorboard package: pip install tensorboard, or pip install -e '.[tensorboard]'"),
         (cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 = all cores)"),
         (cfg.data.train_limit is None or cfg.data.train_limit > 0, "data.train_limit must be null or a positive integer"),
         (cfg.data.test_limit is None or cfg.data.test_limit > 0, "data.test_limit must be null or a positive integer"),

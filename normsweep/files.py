@@ -1,4 +1,4 @@
-"""The run folder's file names, and atomic writes: the one place both the trainer and the collector agree on."""
+"""The run folder's file names, run labels and atomic writes: the one place the trainer and the collector share."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ SUMMARY = "summary.json"  # written last: its presence means the job ended
 CHECKPOINT = "checkpoint.pt"  # state after the last finished epoch, for resume
 MISCLASSIFIED = "misclassified.json"  # test images the final model got wrong (pixels, labels)
 MISCLASSIFIED_PNG = "misclassified.png"
+TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: <job>/tensorboard/<run label>, seed <n>/ holds the event files
 RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"
 CURVES_PNG = "curves.png"
@@ -21,6 +22,19 @@ BATCH_SIZE_PNG = "batch_size.png"
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 STATUS_DIVERGED = "diverged"
+
+# Settings that change how a job runs, not what it computes: a rerun differing only in these is the same job
+# (job.py), and runs differing only in these (and the seed) share a row of the table (collect.py).
+# conf/config.yaml keeps the same keys out of job folder names.
+RUNTIME_KEYS = ("fail_fast", "threads", "device", "data.root", "logger")
+
+NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}  # dict order is the table's row order
+REG_SUFFIXES = {"none": "", "l1": " with L1", "l2": " with L2", "l1l2": " with L1 and L2"}
+
+
+def run_label(norm: str, reg: str) -> str:
+    """'BatchNorm with L1' for ('bn', 'l1'): the table's row label, as the reference writes it."""
+    return NORM_NAMES.get(norm, str(norm)) + REG_SUFFIXES.get(reg, f" with {reg}")
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -23,10 +24,6 @@ from normsweep.train import Diverged, fit, resolve_device
 
 log = logging.getLogger(__name__)
 
-# Settings that change how a job runs, not what it computes: a rerun that differs only in these is the same job.
-# The same keys stay out of the folder name (conf/config.yaml) and out of the table's rows (collect.py); data.root
-# is made absolute from the working directory, so the same command run from another folder must still match.
-RUNTIME_KEYS = ("fail_fast", "threads", "device", "data.root")
 RESULT_FILES = (files.SUMMARY, files.METRICS, files.CHECKPOINT, files.MISCLASSIFIED, files.MISCLASSIFIED_PNG)
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -61,7 +58,7 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 def _same_job(old: dict | None, new: dict) -> bool:
     def strip(c: dict) -> dict:
-        return {k: v for k, v in _flatten(c).items() if k not in RUNTIME_KEYS}
+        return {k: v for k, v in _flatten(c).items() if k not in files.RUNTIME_KEYS}
     return isinstance(old, dict) and strip(old) == strip(new)
 
 
@@ -85,9 +82,10 @@ def summarize(history: list[dict]) -> dict:
             "best_test_loss": min(r["test_loss"] for r in history), "final_test_acc": history[-1]["test_acc"]}
 
 
-def run_job(cfg: Config, resolved: dict, job_dir: Path) -> str:
+def run_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None) -> str:
     """Runs one job into job_dir and returns its status. Bad settings or data raise (ValueError, DataError)
-    before any file is written; a failure during training is recorded in summary.json, not raised."""
+    before any file is written; a failure during training is recorded in summary.json, not raised.
+    `command` is the command line recorded in summary.json (default: this process's)."""
     validate(cfg)
     device = resolve_device(cfg.device)
     config_path = job_dir / files.CONFIG
@@ -105,6 +103,7 @@ def run_job(cfg: Config, resolved: dict, job_dir: Path) -> str:
             log.info("config of %s changed since its last run: starting afresh", job_dir.name)
         for name in RESULT_FILES:
             (job_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(job_dir / files.TENSORBOARD_DIR, ignore_errors=True)  # curves of the old config
     summary_path.unlink(missing_ok=True)  # a rerun of a failed job: its new summary replaces the old
     files.write_atomic(config_path, yaml.safe_dump(resolved, sort_keys=False))
 
@@ -132,7 +131,7 @@ def run_job(cfg: Config, resolved: dict, job_dir: Path) -> str:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "host": platform.node(),
-        "command": shlex.join(sys.argv),  # quoted: `python <command>` in a shell runs it again
+        "command": command or shlex.join(sys.argv),  # quoted: `python <command>` in a shell runs it again
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **git_state(),
     }

@@ -180,28 +180,51 @@ def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> d
         log.info("resuming from the checkpoint after epoch %d of %d", len(history), cfg.epochs)
 
     show_bar = sys.stderr.isatty()
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
-        progress = None
-        if show_bar:
-            from tqdm import tqdm
-            progress = lambda it: tqdm(it, desc=f"epoch {epoch}", leave=False, file=sys.stderr)  # noqa: E731
-        started = time.perf_counter()
-        row = {"epoch": epoch, **train_one_epoch(model, optimizer, scheduler, data, cfg, progress)}
-        row["lr"] = scheduler.get_last_lr()[0]
-        row["train_seconds"] = time.perf_counter() - started
-        started = time.perf_counter()
-        row["test_loss"], row["test_acc"], _ = evaluate(model, data.test_inputs, data.test_labels)
-        row["test_seconds"] = time.perf_counter() - started
-        history.append(row)
-        log.info("epoch %d/%d train_loss %.4f train_acc %.2f test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
-                 epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"], row["lr"],
-                 row["train_seconds"], row["test_seconds"])
-        files.write_jsonl(job_dir / files.METRICS, history)
-        save_checkpoint(checkpoint, model, optimizer, scheduler, history)
+    board = open_tensorboard(cfg, job_dir, first_epoch=len(history) + 1)  # None unless logger=tensorboard
+    try:
+        for epoch in range(len(history) + 1, cfg.epochs + 1):
+            progress = None
+            if show_bar:
+                from tqdm import tqdm
+                progress = lambda it: tqdm(it, desc=f"epoch {epoch}", leave=False, file=sys.stderr)  # noqa: E731
+            started = time.perf_counter()
+            row = {"epoch": epoch, **train_one_epoch(model, optimizer, scheduler, data, cfg, progress)}
+            row["lr"] = scheduler.get_last_lr()[0]
+            row["train_seconds"] = time.perf_counter() - started
+            started = time.perf_counter()
+            row["test_loss"], row["test_acc"], _ = evaluate(model, data.test_inputs, data.test_labels)
+            row["test_seconds"] = time.perf_counter() - started
+            history.append(row)
+            log.info("epoch %d/%d train_loss %.4f train_acc %.2f test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
+                     epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"], row["lr"],
+                     row["train_seconds"], row["test_seconds"])
+            files.write_jsonl(job_dir / files.METRICS, history)
+            if board is not None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        board.add_scalar(key, value, epoch)
+                board.flush()  # on disk with the epoch's metrics line, not minutes later
+            save_checkpoint(checkpoint, model, optimizer, scheduler, history)
+    finally:
+        if board is not None:
+            board.close()
 
     _, _, pred = evaluate(model, data.test_inputs, data.test_labels)
     write_misclassified(job_dir, data, pred.cpu())
     return {"threads": torch.get_num_threads()}
+
+
+def open_tensorboard(cfg: Config, job_dir: Path, first_epoch: int):
+    """A SummaryWriter into <job>/tensorboard/<run label>/ when logger=tensorboard, else None. `tensorboard --logdir
+    <sweep dir>` names each run by its path: "bn-l1-bs64-s1/tensorboard/BatchNorm with L1, seed 1"."""
+    if cfg.logger != "tensorboard":
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = job_dir / files.TENSORBOARD_DIR / f"{files.run_label(cfg.norm.name, cfg.reg.name)}, seed {cfg.seed}"
+    # A resumed job runs again from first_epoch: purge_step makes TensorBoard drop what an interrupted writer
+    # logged from there on (epochs whose checkpoint was never saved), so every epoch shows once.
+    return SummaryWriter(str(log_dir), purge_step=first_epoch if first_epoch > 1 else None)
 
 
 def write_misclassified(job_dir: Path, data: DeviceData, pred: torch.Tensor) -> None:

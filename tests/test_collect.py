@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from normsweep import files
-from normsweep.collect import collect, main, plot_curves, read_job, run_label
+from normsweep.collect import collect, main, plot_curves, read_job
+from normsweep.files import run_label
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

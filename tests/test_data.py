@@ -230,7 +230,7 @@ def test_limits(tmp_path: Path) -> None:
 
 
 def test_unknown_name_lists_valid_ones(tmp_path: Path) -> None:
-    assert data.DATASETS == ("mnist", "fake")
-    with pytest.raises(data.DataError, match="mnist, fake") as error:
+    assert data.DATASETS == ("mnist", "fashion_mnist", "fake")
+    with pytest.raises(data.DataError, match="mnist, fashion_mnist, fake") as error:
         data.load_data("cifar10", tmp_path)
     assert "cifar10" in str(error.value)

@@ -1,0 +1,96 @@
+"""Sweeps through hydra-submitit-launcher: hydra/launcher=slurm composes with its documented defaults, and a real
+submitit_local sweep (each job in its own process) leaves complete run folders, the table, and resumes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from normsweep import files
+from normsweep.config import register_configs
+from normsweep.train import cores_given
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = [f"{norm}-none-bs64-s1-data.test_limit=100-data.train_limit=256-data=fake-epochs=1" for norm in ("bn", "gn")]
+SKIPPED = "already completed with the same config"
+register_configs()
+
+
+def load_run_py():
+    spec = importlib.util.spec_from_file_location("normsweep_run", REPO / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def slurm_launcher(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
+    return cfg.hydra.launcher
+
+
+def test_slurm_launcher_defaults_and_overrides():
+    launcher = slurm_launcher()
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.timeout_min, launcher.cpus_per_task, launcher.gpus_per_node, launcher.mem_gb,
+            launcher.array_parallelism, launcher.max_num_timeout) == (None, 60, 2, None, 8, 32, 2)
+    launcher = slurm_launcher("hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=1",
+                              "hydra.launcher.timeout_min=120")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
+
+
+def test_threads_per_job_follows_the_launcher():
+    threads_per_job = load_run_py().threads_per_job
+    cores = cores_given()
+    launcher = lambda **keys: OmegaConf.create(keys)  # noqa: E731
+    assert threads_per_job(0, launcher()) == 0  # basic launcher: torch's default, every core
+    assert threads_per_job(0, launcher(cpus_per_task=1)) == 1  # submitit: what the job asked for
+    assert threads_per_job(0, launcher(cpus_per_task=cores + 7)) == cores  # never more than it was given
+    assert threads_per_job(0, launcher(cpus_per_task=None)) == 0
+    assert threads_per_job(3, launcher(cpus_per_task=1)) == 3  # an explicit threads=N wins
+    assert threads_per_job(0, launcher(n_jobs=cores)) == 1  # joblib: the cores split between its jobs
+
+
+def snapshot(job: Path) -> dict[str, tuple[bytes, int]]:
+    return {name: ((job / name).read_bytes(), (job / name).stat().st_mtime_ns)
+            for name in (files.METRICS, files.CHECKPOINT, files.SUMMARY, files.CONFIG)}
+
+
+def test_submitit_local_sweep_completes_and_resumes(tmp_path):
+    sweep = tmp_path / "sweep"
+    # No threads=N: the job's cpus_per_task decides. A relative data.root, and a working directory that is neither
+    # the repository nor the sweep folder: the jobs run in other processes and must still resolve both.
+    command = [sys.executable, str(REPO / "run.py"), "-m", "norm=bn,gn", "reg=none", "epochs=1", "data=fake",
+               "data.train_limit=256", "data.test_limit=100", "device=cpu", "data.root=somewhere",
+               "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+
+    assert {p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")} == set(JOBS)
+    _, _, *rows = (sweep / files.RESULTS_MD).read_text().splitlines()  # collected in the launching process
+    assert [row.split("|")[1].strip() for row in rows] == ["BatchNorm", "GroupNorm"]
+    for name in JOBS:
+        job = sweep / name
+        summary = json.loads((job / files.SUMMARY).read_text())
+        assert summary["status"] == files.STATUS_COMPLETED and summary["epochs_done"] == 1
+        assert summary["threads"] == 1
+        assert "submitit" not in summary["command"].split()[0]  # the job's own command, not submitit's
+        assert f"norm={name[:2]}" in summary["command"] and "hydra/launcher=submitit_local" in summary["command"]
+        assert yaml.safe_load((job / files.CONFIG).read_text())["data"]["root"] == str(tmp_path / "somewhere")
+        assert (job / files.CHECKPOINT).exists() and (job / files.MISCLASSIFIED_PNG).exists()
+        assert "epoch 1/1" in (job / "run.log").read_text()
+    before = {name: snapshot(sweep / name) for name in JOBS}
+    (sweep / files.RESULTS_MD).unlink()
+
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    for name in JOBS:
+        assert snapshot(sweep / name) == before[name]
+        assert (sweep / name / "run.log").read_text().count(SKIPPED) == 1
+    assert (sweep / files.RESULTS_MD).exists()

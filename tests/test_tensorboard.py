@@ -1,0 +1,82 @@
+"""logger=tensorboard: every per-epoch metric as a scalar in <job>/tensorboard/<run label>/, read back the way
+TensorBoard reads it; exact after a resume; a missing package is one clear line before any training."""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from normsweep import files, train
+from normsweep.config import Config, DataConfig, RegConfig, validate
+from normsweep.job import read_jsonl, run_job
+
+RUN_NAME = "BatchNorm with L1, seed 3"  # the table's row label, and the seed
+
+
+def config(**overrides) -> Config:
+    settings = dict(epochs=2, seed=3, threads=1, device="cpu", logger="tensorboard", reg=RegConfig(name="l1", l1=0.001),
+                    data=DataConfig(name="fake", train_limit=256, test_limit=100))
+    return Config(**{**settings, **overrides})
+
+
+def run(job_dir: Path, cfg: Config) -> str:
+    return run_job(cfg, asdict(cfg), job_dir)
+
+
+def read_board(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} as `tensorboard --logdir` would show the run."""
+    (run_dir,) = (job_dir / files.TENSORBOARD_DIR).iterdir()
+    assert run_dir.name == RUN_NAME
+    board = EventAccumulator(str(run_dir))
+    board.Reload()
+    return {tag: [(event.step, event.value) for event in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+
+
+def expected_scalars(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    rows = read_jsonl(job_dir / files.METRICS)
+    return {key: [(row["epoch"], pytest.approx(row[key], rel=1e-6)) for row in rows]  # stored as float32
+            for key in rows[0] if key != "epoch"}
+
+
+def test_every_epoch_metric_is_a_scalar(tmp_path):
+    assert run(tmp_path, config()) == files.STATUS_COMPLETED
+    scalars = read_board(tmp_path)
+    assert set(scalars) == {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "test_seconds"}
+    assert scalars == expected_scalars(tmp_path)
+
+
+def test_resumed_job_shows_each_epoch_once(tmp_path, monkeypatch):
+    # Killed after logging epoch 2 but before its checkpoint: the rerun trains epoch 2 again from epoch 1's state.
+    save = train.save_checkpoint
+
+    def save_then_die_at_epoch_2(path, model, optimizer, scheduler, history):
+        if len(history) == 2:
+            raise RuntimeError("killed")
+        save(path, model, optimizer, scheduler, history)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die_at_epoch_2)
+    assert run(tmp_path, config()) == files.STATUS_FAILED
+    assert [step for step, _ in read_board(tmp_path)["test_acc"]] == [1, 2]
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    assert run(tmp_path, config()) == files.STATUS_COMPLETED
+    assert len(list((tmp_path / files.TENSORBOARD_DIR / RUN_NAME).iterdir())) == 2  # one event file per writer
+    assert read_board(tmp_path) == expected_scalars(tmp_path)  # epoch 2 once: the interrupted one was purged
+
+
+def test_off_by_default_and_bad_values_fail(tmp_path):
+    assert Config().logger == "none"
+    with pytest.raises(ValueError, match="logger='wandb' is not one of none, tensorboard"):
+        validate(config(logger="wandb"))
+
+
+def test_missing_package_fails_before_any_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # Python now finds no such package, as if not installed
+    message = "logger=tensorboard needs the tensorboard package: pip install tensorboard, or pip install -e '.[tensorboard]'"
+    with pytest.raises(ValueError) as error:  # run.py prints it as one line, "error: ...", and exits 2
+        run(tmp_path, config())  # tmp_path: the job folder Hydra made
+    assert str(error.value) == message
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
+    validate(config(logger="none"))  # only the logger needs it
