@@ -45,6 +45,11 @@ def git_state() -> dict:
         return {"git_commit": None, "git_dirty": None}
 
 
+# Read once, when this process loads the code: a long sweep's job processes keep running the code they loaded
+# even if the checkout moves on, and the summary must name the commit that actually ran.
+CODE_VERSION = git_state()
+
+
 def _flatten(config: dict, prefix: str = "") -> dict:
     """{'data': {'root': 'x'}} -> {'data.root': 'x'}"""
     flat = {}
@@ -133,7 +138,7 @@ def run_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = No
         "host": platform.node(),
         "command": command or shlex.join(sys.argv),  # quoted: `python <command>` in a shell runs it again
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **git_state(),
+        **CODE_VERSION,
     }
     files.write_json(summary_path, summary)
     return status
