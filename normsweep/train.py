@@ -181,6 +181,7 @@ def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> d
 
     show_bar = sys.stderr.isatty()
     board = open_tensorboard(cfg, job_dir, first_epoch=len(history) + 1)  # None unless logger=tensorboard
+    pred = None  # the last epoch's test predictions, for the misclassified grid
     try:
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             progress = None
@@ -192,7 +193,7 @@ def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> d
             row["lr"] = scheduler.get_last_lr()[0]
             row["train_seconds"] = time.perf_counter() - started
             started = time.perf_counter()
-            row["test_loss"], row["test_acc"], _ = evaluate(model, data.test_inputs, data.test_labels)
+            row["test_loss"], row["test_acc"], pred = evaluate(model, data.test_inputs, data.test_labels)
             row["test_seconds"] = time.perf_counter() - started
             history.append(row)
             log.info("epoch %d/%d train_loss %.4f train_acc %.2f test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
@@ -209,7 +210,8 @@ def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> d
         if board is not None:
             board.close()
 
-    _, _, pred = evaluate(model, data.test_inputs, data.test_labels)
+    if pred is None:  # resumed after its last epoch, killed before the summary
+        _, _, pred = evaluate(model, data.test_inputs, data.test_labels)
     write_misclassified(job_dir, data, pred.cpu())
     return {"threads": torch.get_num_threads()}
 
