@@ -203,6 +203,11 @@ def _names(rows: pd.DataFrame, keys: list[str]) -> list[str]:
     return [" ".join([row["label"], *(f"{k}={_plain(row[k])}" for k in telling)]) for row in rows.to_dict("records")]
 
 
+def _follows_batch_size(rows: pd.DataFrame, key: str) -> bool:
+    """True when the key has one value per batch size, e.g. a learning rate scaled with the batch size."""
+    return bool((rows.groupby("batch_size")[key].agg(lambda s: s.map(_plain).nunique()) <= 1).all())
+
+
 def _save(fig: Figure, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -299,7 +304,9 @@ def collect(dirs: list[Path]) -> Report:
     files.write_atomic(out_dir / files.RESULTS_CSV, rows.to_csv(index=False))
     plot_curves(_names(rows, keys[2:]), [group for _, group in ordered], out_dir / files.CURVES_PNG)
     if rows["batch_size"].nunique() > 1:
-        plot_batch_size(rows, _names(rows, [k for k in keys[2:] if k != "batch_size"]), out_dir / files.BATCH_SIZE_PNG)
+        # one line per setting other than the batch size and what follows it (a learning rate scaled with it)
+        line_keys = [k for k in keys[2:] if k != "batch_size" and not _follows_batch_size(rows, k)]
+        plot_batch_size(rows, _names(rows, line_keys), out_dir / files.BATCH_SIZE_PNG)
     for job in jobs:
         plot_misclassified(job, problems)
     unfinished = len(job_dirs) - sum(job.status == files.STATUS_COMPLETED for job in jobs)

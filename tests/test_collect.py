@@ -206,3 +206,12 @@ def test_results_go_into_the_first_of_several_dirs(tmp_path):
 def test_collector_does_not_import_torch():
     code = "import sys, normsweep.collect; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_batch_size_plot_lines_ignore_a_learning_rate_that_follows_the_batch_size():
+    from normsweep.collect import _follows_batch_size
+
+    rows = pd.DataFrame({"batch_size": [2, 2, 64, 64], "optim.max_lr": [0.0005, 0.0005, 0.015, 0.015],
+                         "dropout": [0.0, 0.1, 0.0, 0.1]})
+    assert _follows_batch_size(rows, "optim.max_lr")
+    assert not _follows_batch_size(rows, "dropout")
