@@ -58,17 +58,6 @@ class Report:
     problems: list[str] = field(default_factory=list)  # one message per unreadable file
 
 
-def flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    """{'reg': {'l1': 0.001}} -> {'reg.l1': 0.001}; lists become JSON text so every value is hashable."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
-    return flat
-
-
 def _warn(problems: list[str], message: str) -> None:
     log.warning("%s", message)
     problems.append(message)
@@ -98,7 +87,7 @@ def _values_from_metrics(metrics: pd.DataFrame) -> dict[str, float]:
 def read_job(job_dir: Path, problems: list[str]) -> Job | None:
     """One run folder; None when its config is missing or unreadable, since then it has no row to go in."""
     try:
-        config = flatten(yaml.safe_load((job_dir / files.CONFIG).read_text()))
+        config = files.flatten(yaml.safe_load((job_dir / files.CONFIG).read_text()))
         if "norm.name" not in config or "reg.name" not in config:
             raise KeyError("norm.name or reg.name missing")  # without them the run has no label
     except (OSError, yaml.YAMLError, AttributeError, KeyError) as error:

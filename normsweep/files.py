@@ -37,6 +37,17 @@ def run_label(norm: str, reg: str) -> str:
     return NORM_NAMES.get(norm, str(norm)) + REG_SUFFIXES.get(reg, f" with {reg}")
 
 
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """{'reg': {'l1': 0.001}} -> {'reg.l1': 0.001}; lists become JSON text so every value is hashable."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write to a temp file in the same folder, then rename: a reader (or a kill -9) never sees half a file."""
     path = Path(path)

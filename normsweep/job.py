@@ -50,20 +50,9 @@ def git_state() -> dict:
 CODE_VERSION = git_state()
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    """{'data': {'root': 'x'}} -> {'data.root': 'x'}"""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _same_job(old: dict | None, new: dict) -> bool:
     def strip(c: dict) -> dict:
-        return {k: v for k, v in _flatten(c).items() if k not in files.RUNTIME_KEYS}
+        return {k: v for k, v in files.flatten(c).items() if k not in files.RUNTIME_KEYS}
     return isinstance(old, dict) and strip(old) == strip(new)
 
 
