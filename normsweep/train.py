@@ -89,7 +89,7 @@ def train_one_epoch(model: Net, optimizer: torch.optim.Optimizer, scheduler, dat
     model.train()
     n = len(data.train_labels)
     order = torch.randperm(n, device=data.train_labels.device)
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     loss_sum = torch.zeros((), device=order.device)  # summed on the device: no host sync per batch
     correct = torch.zeros((), dtype=torch.int64, device=order.device)
     batches = split_batches(order, cfg.batch_size)
