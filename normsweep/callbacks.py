@@ -3,27 +3,32 @@ the process exit non-zero when any job did not complete."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from normsweep import files
+
 log = logging.getLogger(__name__)
+CHECKOUT = Path(__file__).resolve().parents[1]  # the folder that holds this normsweep package
 
 
 class CollectAtEnd(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from normsweep.collect import NoRunsError, collect  # pandas and matplotlib only when needed
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            report = collect([sweep_dir])
-        except NoRunsError as e:
-            log.error("no results table: %s", e)
-            raise SystemExit(1) from e
-        log.info("results table: %s", report.out_dir / "results.md")
-        if report.unfinished_jobs:
-            log.error("%d job(s) did not complete: see the Status column of %s", report.unfinished_jobs,
-                      report.out_dir / "results.md")
-            raise SystemExit(1)
+        # The collector runs in a fresh process, not imported here: a sweep can run for hours, and this process
+        # already holds the normsweep modules of its start; importing collect.py now could mix those with a
+        # newer checkout's files. The CLI prints the table and exits 0 (all completed), 1 (some not) or 2 (none).
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        exit_code = subprocess.call([sys.executable, "-m", "normsweep.collect", str(sweep_dir)], cwd=CHECKOUT)
+        if exit_code == 0:
+            log.info("results table: %s", sweep_dir / files.RESULTS_MD)
+            return
+        if exit_code == 1:
+            log.error("some jobs did not complete: see the Status column of %s", sweep_dir / files.RESULTS_MD)
+        else:
+            log.error("no results table for %s (collector exit code %d)", sweep_dir, exit_code)
+        raise SystemExit(1)
