@@ -2,6 +2,7 @@
 term, one checkpoint per epoch so an interrupted job resumes exactly where it stopped."""
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import math
@@ -19,13 +20,14 @@ from normsweep import files
 from normsweep.augment import augment
 from normsweep.config import Config
 from normsweep.data import Dataset
-from normsweep.model import Net, count_params
+from normsweep.model import Net, build_model, count_params
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1000  # test images per forward pass; no gradients, so large batches are cheap
 DIVERGENCE_CHECK_STEPS = 50  # look for a non-finite loss this often (each look is a host sync on GPU)
 MISCLASSIFIED_SHOWN = 10
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters, from glibc's malloc.h
 
 
 class Diverged(RuntimeError):
@@ -68,6 +70,22 @@ def resolve_device(name: str) -> torch.device:
 
 def cores_given() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
+
+    Why: a step allocates and frees activations of a few MB each; glibc serves blocks that size with mmap and
+    returns them with munmap (or trims the heap), so every step page-faults and zero-fills them anew. Keeping
+    them made a CPU training step ~1.3x faster on one thread (2-core Xeon). The process then holds on to its
+    peak memory, which for this model is tens of MB. Nothing happens without glibc (macOS, Windows, musl's stub).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_TRIM_THRESHOLD, 2**30)  # trim the heap only when 1 GiB of it is free
+        mallopt(M_MMAP_THRESHOLD, 2**28)  # blocks below 256 MiB come from the heap, not from mmap
 
 
 def add_l1_grad(params: list[torch.Tensor], l1: float) -> None:
@@ -151,9 +169,10 @@ def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> d
     """Train (or resume) the job in job_dir. Writes metrics.jsonl and the checkpoint after every epoch and
     misclassified.json at the end; returns facts for the summary. Raises on failure (Diverged included)."""
     torch.set_num_threads(cfg.threads or cores_given())
+    keep_freed_memory()
     torch.manual_seed(cfg.seed)
     data = DeviceData.from_dataset(dataset, device)
-    model = Net(cfg.norm.name, cfg.norm.groups, cfg.dropout).to(device)
+    model = build_model(cfg.norm.name, cfg.norm.groups, cfg.dropout, device)
     params = count_params(model)
     log.info("model: %s norm, %d parameters; device %s, %d threads; %d train / %d test images", cfg.norm.name,
              params, device, torch.get_num_threads(), len(data.train_labels), len(data.test_labels))

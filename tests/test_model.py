@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from normsweep.model import MaxPool2x2, Net, NormDropout, count_params, keep_mask
+from normsweep.model import Net, NormDropout, build_model, count_params, keep_mask
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
@@ -16,20 +16,39 @@ def test_parameter_count_and_output(norm):
 
 def test_keep_mask_drop_rate():
     torch.manual_seed(0)
-    keep = keep_mask(torch.Size([400, 1000]), 0.03, torch.float32, torch.device("cpu"))
+    keep = keep_mask(torch.empty(400, 1000), 0.03)
     assert keep.dtype == torch.float32 and keep.shape == (400, 1000)
     assert set(keep.unique().tolist()) == {0.0, 1.0}
     assert abs(1 - keep.mean().item() - 0.03) < 0.002  # 4e5 draws: std of the mean ~ 2.7e-4
 
 
-def test_max_pool_matches_torch_including_gradients():
-    x = torch.randn(4, 16, 24, 24).relu().requires_grad_()  # relu: many ties, as in the model
-    grad = torch.randn(4, 16, 12, 12)
-    expected = torch.nn.functional.max_pool2d(x, 2)
-    (expected_grad,) = torch.autograd.grad(expected, x, grad)
-    out = MaxPool2x2()(x)
-    (out_grad,) = torch.autograd.grad(out, x, grad)
-    assert torch.equal(out, expected) and torch.equal(out_grad, expected_grad)
+def test_keep_mask_follows_the_layout():
+    like = torch.empty(8, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    keep = keep_mask(like, 0.5)
+    assert keep.shape == like.shape and keep.stride() == like.stride()
+
+
+@pytest.mark.parametrize("norm", ["gn", "ln"])
+def test_channels_last_model_computes_what_the_default_layout_computes(norm):
+    """build_model makes a group/layer-norm CPU model channels-last: the same outputs and gradients up to rounding."""
+    torch.manual_seed(0)
+    default = Net(norm, dropout=0.0)
+    fast = build_model(norm, 4, 0.0, torch.device("cpu"))
+    fast.load_state_dict(default.state_dict())
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    hidden = fast.features[:2](x)  # two conv blocks: [16, 16, 24, 24]
+    assert hidden.is_contiguous(memory_format=torch.channels_last) and not hidden.is_contiguous()
+    out_default, out_fast = default(x), fast(x)
+    assert torch.allclose(out_default, out_fast, atol=1e-4)
+    torch.nn.functional.nll_loss(out_default, y).backward()
+    torch.nn.functional.nll_loss(out_fast, y).backward()
+    for p_default, p_fast in zip(default.parameters(), fast.parameters()):
+        assert torch.allclose(p_default.grad, p_fast.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_batch_norm_model_keeps_the_default_layout():
+    model = build_model("bn", 4, 0.03, torch.device("cpu"))
+    assert model.features[:2](torch.randn(4, 1, 28, 28)).is_contiguous()
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn"])
@@ -44,7 +63,7 @@ def test_norm_dropout_equals_norm_then_dropout(norm):
     state = torch.get_rng_state()
     out = layer(x)
     torch.set_rng_state(state)
-    keep = keep_mask(x.shape, 0.2, x.dtype, x.device)
+    keep = keep_mask(x, 0.2)
     layer.train()
     reference = layer.norm(x) * keep / 0.8
     assert torch.allclose(out, reference, atol=1e-5)
