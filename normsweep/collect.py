@@ -259,10 +259,11 @@ def plot_misclassified(job: Job, problems: list[str]) -> None:
     except (OSError, ValueError, TypeError, KeyError) as error:
         _warn(problems, f"{source}: unreadable ({error!r}); no {files.MISCLASSIFIED_PNG}")
         return
-    fig = Figure(figsize=(10, 4.8), layout="constrained")
+    fig = Figure(figsize=(10, 5.2), layout="constrained")
     for ax, item, image in zip(fig.subplots(2, 5).ravel(), items, images):
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"actual {class_names[item['actual']]} / predicted {class_names[item['predicted']]}", fontsize=9)
+        # two lines: one line overlaps the next panel's title for long class names ("Ankle boot")
+        ax.set_title(f"actual {class_names[item['actual']]}\npredicted {class_names[item['predicted']]}", fontsize=9)
     for ax in fig.axes:
         ax.axis("off")
     fig.suptitle(data.get("label") or files.run_label(job.config["norm.name"], job.config["reg.name"]))
