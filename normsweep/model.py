@@ -80,15 +80,13 @@ class Net(nn.Module):
 
 
 def build_model(norm: str, groups: int, dropout: float, device: torch.device) -> Net:
-    """Net on device. With group or layer norm on CPU, its conv weights are channels-last (NHWC), and so is every
-    activation: with a one-channel input, the weights' layout decides the first convolution's output layout.
-    Why: oneDNN's convolutions, group norm and max-pool run faster in NHWC for these few channels (a training
-    step ~1.1x faster on one thread on a 2-core Xeon). Not with batch norm: its channels-last CPU backward sums in
-    float where the default kernel sums in double, and on some batches the input gradient is a small difference of
-    large sums (a conv weight's gradient then came out ~5 % off the float64 one, against 2e-6 by default).
-    Elsewhere (GPU) the default layout, as nothing else was measured."""
-    faster = device.type == "cpu" and norm != "bn"
-    return Net(norm, groups, dropout).to(device, memory_format=torch.channels_last if faster else torch.contiguous_format)
+    """Net on device. On CPU its conv weights are channels-last (NHWC), and so is every activation: with a
+    one-channel input, the weights' layout decides the first convolution's output layout, and the rest follows.
+    Why: oneDNN's convolutions, the norms and max-pool run faster in NHWC for these few channels (a training step
+    ~1.1x faster on one thread on a 2-core Xeon, the same speed on two). Elsewhere (GPU) the default layout, as
+    nothing else was measured."""
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    return Net(norm, groups, dropout).to(device, memory_format=layout)
 
 
 def count_params(model: nn.Module) -> int:
