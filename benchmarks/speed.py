@@ -95,7 +95,7 @@ def normsweep_images_per_s(data_root: Path, images: int, batch_size: int, precis
     cfg = Config(batch_size=batch_size, epochs=1, precision=precision)
     device = torch.device("cpu")
     data = DeviceData.from_dataset(load_data("mnist", data_root, train_limit=images, test_limit=1000), device)
-    model = build_model("bn", 4, cfg.dropout, device)
+    model = build_model("bn", 4, cfg.dropout, device, torch.get_num_threads())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.015, momentum=0.7)
     steps = -(-len(data.train_labels) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.015, epochs=1, steps_per_epoch=steps)

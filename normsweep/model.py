@@ -79,14 +79,14 @@ class Net(nn.Module):
         return F.log_softmax(self.features(x).flatten(1), dim=1)
 
 
-def build_model(norm: str, groups: int, dropout: float, device: torch.device) -> Net:
-    """Net on device. On CPU its conv weights are channels-last (NHWC), and so is every activation: with a
-    one-channel input, the weights' layout decides the first convolution's output layout, and the rest follows.
-    Why: oneDNN's convolutions, the norms and max-pool run faster in NHWC for these few channels (a training step
-    ~1.1x faster on one thread on a 2-core Xeon, the same speed on two). Elsewhere (GPU) the default layout, as
-    nothing else was measured."""
-    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-    return Net(norm, groups, dropout).to(device, memory_format=layout)
+def build_model(norm: str, groups: int, dropout: float, device: torch.device, threads: int) -> Net:
+    """Net on device, laid out for speed. Channels-last (NHWC) conv weights make every activation channels-last:
+    with a one-channel input, the weights' layout decides the first convolution's output layout.
+    When: timed on a 2-core Xeon (training steps, fp32, batch 64), channels-last made GroupNorm and LayerNorm steps
+    ~1.1x faster with one or two threads, BatchNorm steps 1.2x faster with one thread but 1.1x slower with two
+    (its channels-last backward scales badly). On GPU the default layout, as nothing was measured there."""
+    faster = device.type == "cpu" and (norm != "bn" or threads == 1)
+    return Net(norm, groups, dropout).to(device, memory_format=torch.channels_last if faster else torch.contiguous_format)
 
 
 def count_params(model: nn.Module) -> int:

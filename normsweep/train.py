@@ -172,7 +172,7 @@ def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> d
     keep_freed_memory()
     torch.manual_seed(cfg.seed)
     data = DeviceData.from_dataset(dataset, device)
-    model = build_model(cfg.norm.name, cfg.norm.groups, cfg.dropout, device)
+    model = build_model(cfg.norm.name, cfg.norm.groups, cfg.dropout, device, torch.get_num_threads())
     params = count_params(model)
     log.info("model: %s norm, %d parameters; device %s, %d threads; %d train / %d test images", cfg.norm.name,
              params, device, torch.get_num_threads(), len(data.train_labels), len(data.test_labels))

@@ -22,6 +22,14 @@ def test_keep_mask_drop_rate():
     assert abs(1 - keep.mean().item() - 0.03) < 0.002  # 4e5 draws: std of the mean ~ 2.7e-4
 
 
+@pytest.mark.parametrize("norm, threads, channels_last", [("gn", 1, True), ("gn", 2, True), ("ln", 2, True),
+                                                          ("bn", 1, True), ("bn", 2, False)])
+def test_build_model_layout(norm, threads, channels_last):
+    model = build_model(norm, 4, 0.03, torch.device("cpu"), threads)
+    hidden = model.features[:2](torch.randn(4, 1, 28, 28))
+    assert hidden.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 def test_keep_mask_follows_the_layout():
     like = torch.empty(8, 16, 6, 6).contiguous(memory_format=torch.channels_last)
     keep = keep_mask(like, 0.5)
@@ -30,10 +38,10 @@ def test_keep_mask_follows_the_layout():
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
 def test_channels_last_model_computes_what_the_default_layout_computes(norm):
-    """build_model makes the CPU model channels-last: the same outputs and gradients up to rounding."""
+    """Channels-last (what build_model may choose on CPU): the same outputs and gradients up to rounding."""
     torch.manual_seed(0)
     default = Net(norm, dropout=0.0)
-    fast = build_model(norm, 4, 0.0, torch.device("cpu"))
+    fast = Net(norm, dropout=0.0).to(memory_format=torch.channels_last)
     fast.load_state_dict(default.state_dict())
     x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
     hidden = fast.features[:2](x)  # two conv blocks: [16, 16, 24, 24]
