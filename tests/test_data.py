@@ -74,19 +74,19 @@ def test_read_idx_bad_gzip_and_bad_magic(tmp_path: Path) -> None:
         assert str(path) in str(error.value) and "delete it" in str(error.value)
 
 
-def test_verify_mnist_md5(tmp_path: Path) -> None:
+def test_verify_idx_md5(tmp_path: Path) -> None:
     md5 = tiny_mnist(tmp_path)
-    data.verify_mnist(tmp_path, md5)  # the right files pass
+    data.verify_idx(tmp_path, md5)  # the right files pass
     (tmp_path / NAMES[2]).rename(tmp_path / f"{NAMES[2]}.gz")
     (tmp_path / f"{NAMES[2]}.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((4, 28, 28)))))  # parses, wrong data
     with pytest.raises(data.DataError, match="MD5") as error:
-        data.verify_mnist(tmp_path, md5)
+        data.verify_idx(tmp_path, md5)
     assert str(tmp_path / f"{NAMES[2]}.gz") in str(error.value)
     with pytest.raises(data.DataError, match="MD5"):  # real MNIST is checked against the official sums
-        data.verify_mnist(tmp_path)
+        data.verify_idx(tmp_path)
     (tmp_path / NAMES[3]).unlink()
     with pytest.raises(data.DataError, match="missing"):
-        data.verify_mnist(tmp_path, {NAMES[3]: md5[NAMES[3]]})
+        data.verify_idx(tmp_path, {NAMES[3]: md5[NAMES[3]]})
 
 
 def write_pickle(path: Path, obj: object, protocol: int = 3) -> None:
