@@ -62,6 +62,9 @@ class Config:
     dropout: float = 0.03  # dropout after every conv block
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16: autocast the training forward pass to bfloat16 (faster on CPUs with AMX/AVX512-BF16 and on GPUs)
+    # on cuda, capture the training step as CUDA graphs (one per batch size of an epoch) and replay them;
+    # false keeps the eager step. No effect on CPU.
+    cuda_graphs: bool = True
     threads: int = 0  # torch CPU threads for this job; 0 = all cores given to the process
     fail_fast: bool = False  # stop a multirun at its first failed job (default: record the failure, go on)
     # none | tensorboard: also write every per-epoch metric as TensorBoard scalars into <job>/tensorboard/

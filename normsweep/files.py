@@ -26,7 +26,7 @@ STATUS_DIVERGED = "diverged"
 # Settings that change how a job runs, not what it computes: a rerun differing only in these is the same job
 # (job.py), and runs differing only in these (and the seed) share a row of the table (collect.py).
 # conf/config.yaml keeps the same keys out of job folder names.
-RUNTIME_KEYS = ("fail_fast", "threads", "device", "data.root", "logger")
+RUNTIME_KEYS = ("fail_fast", "threads", "device", "cuda_graphs", "data.root", "logger")
 
 NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}  # dict order is the table's row order
 REG_SUFFIXES = {"none": "", "l1": " with L1", "l2": " with L2", "l1l2": " with L1 and L2"}

@@ -11,16 +11,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 import yaml
 
 from normsweep import files
 from normsweep.config import Config, validate
-from normsweep.data import load_data
+from normsweep.data import Dataset, load_data
 from normsweep.model import Net, count_params
-from normsweep.train import Diverged, fit, resolve_device
+from normsweep.step import JobContext
+from normsweep.train import Diverged, resolve_device, training
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,17 @@ def run_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = No
     """Runs one job into job_dir and returns its status. Bad settings or data raise (ValueError, DataError)
     before any file is written; a failure during training is recorded in summary.json, not raised.
     `command` is the command line recorded in summary.json (default: this process's)."""
+    job = prepare_job(cfg, resolved, job_dir, command)
+    if isinstance(job, str):
+        return job
+    while job.advance():
+        pass
+    return job.status
+
+
+def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None) -> "JobRun | str":
+    """Everything before the first training step: checks, the skip/resume/restart decision, the config file.
+    -> the job, ready to train, or its status when it already completed with the same config."""
     validate(cfg)
     device = resolve_device(cfg.device)
     config_path = job_dir / files.CONFIG
@@ -100,34 +112,58 @@ def run_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = No
         shutil.rmtree(job_dir / files.TENSORBOARD_DIR, ignore_errors=True)  # curves of the old config
     summary_path.unlink(missing_ok=True)  # a rerun of a failed job: its new summary replaces the old
     files.write_atomic(config_path, yaml.safe_dump(resolved, sort_keys=False))
+    return JobRun(cfg, job_dir, data, device, command or shlex.join(sys.argv))
 
-    started = time.time()
-    status, error, extra = files.STATUS_COMPLETED, None, {}
-    try:
-        extra = fit(cfg, job_dir, data, device)
-    except Diverged as e:
-        status, error = files.STATUS_DIVERGED, str(e)
-        log.error("%s diverged: %s", job_dir.name, e)
-    except Exception as e:  # noqa: BLE001 - any failure is recorded and the sweep goes on
-        status, error = files.STATUS_FAILED, f"{type(e).__name__}: {e}"
-        log.exception("%s failed", job_dir.name)
-    history = read_jsonl(job_dir / files.METRICS)
-    summary = {
-        "status": status,
-        "error": error,
-        **summarize(history),
-        "epochs_done": len(history),
-        "params": count_params(Net(cfg.norm.name, cfg.norm.groups, cfg.dropout)),
-        "seconds": sum(r["train_seconds"] + r["test_seconds"] for r in history),
-        "wall_seconds_this_invocation": time.time() - started,
-        "device": str(device),
-        "threads": extra.get("threads"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "command": command or shlex.join(sys.argv),  # quoted: `python <command>` in a shell runs it again
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **CODE_VERSION,
-    }
-    files.write_json(summary_path, summary)
-    return status
+
+class JobRun:
+    """A prepared job: each advance() trains one step inside the job's device context (its stream and RNG, so
+    that jobs can take turns in one process); the last one writes summary.json. A failure during training ends
+    the job with status failed or diverged, recorded in the summary, and is not raised."""
+
+    def __init__(self, cfg: Config, job_dir: Path, data: Dataset, device: torch.device, command: str):
+        self.cfg, self.job_dir, self.device, self.command = cfg, job_dir, device, command
+        self.status: str | None = None  # set when the job has ended
+        self.context = JobContext(device)
+        self._steps = self._life(data)
+
+    def advance(self) -> bool:
+        """One training step (or the job's setup, or its end); -> False once the job has ended."""
+        with self.context:
+            try:
+                next(self._steps)
+                return True
+            except StopIteration as done:
+                self.status = done.value
+                return False
+
+    def _life(self, data: Dataset) -> Generator[None, None, str]:
+        started = time.time()
+        status, error, extra = files.STATUS_COMPLETED, None, {}
+        try:
+            extra = yield from training(self.cfg, self.job_dir, data, self.device)
+        except Diverged as e:
+            status, error = files.STATUS_DIVERGED, str(e)
+            log.error("%s diverged: %s", self.job_dir.name, e)
+        except Exception as e:  # noqa: BLE001 - any failure (out of GPU memory included) is recorded, the sweep goes on
+            status, error = files.STATUS_FAILED, f"{type(e).__name__}: {e}"
+            log.exception("%s failed", self.job_dir.name)
+        history = read_jsonl(self.job_dir / files.METRICS)
+        summary = {
+            "status": status,
+            "error": error,
+            **summarize(history),
+            "epochs_done": len(history),
+            "params": count_params(Net(self.cfg.norm.name, self.cfg.norm.groups, self.cfg.dropout)),
+            "seconds": sum(r["train_seconds"] + r["test_seconds"] for r in history),
+            "wall_seconds_this_invocation": time.time() - started,
+            "device": str(self.device),
+            "threads": extra.get("threads"),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "host": platform.node(),
+            "command": self.command,  # quoted: `python <command>` in a shell runs it again
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **CODE_VERSION,
+        }
+        files.write_json(self.job_dir / files.SUMMARY, summary)
+        return status

@@ -11,16 +11,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Generator, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from normsweep import files
 from normsweep.augment import augment
 from normsweep.config import Config
 from normsweep.data import Dataset
 from normsweep.model import Net, build_model, count_params
+from normsweep.step import DeviceStep, add_l1_grad, advance_scheduler, make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +56,10 @@ class DeviceData:
                    data.mean, data.std, data.class_names)
 
     def train_batch(self, idx: torch.Tensor, use_augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.train_images[idx].unsqueeze(1).float().div_(255)  # [B, 1, 28, 28] in [0, 1]
+        x = self.train_images.index_select(0, idx).unsqueeze(1).float().div_(255)  # [B, 1, 28, 28] in [0, 1]
         if use_augment:
             x = augment(x)
-        return (x - self.mean) / self.std, self.train_labels[idx]
+        return (x - self.mean) / self.std, self.train_labels.index_select(0, idx)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,12 +90,6 @@ def keep_freed_memory() -> None:
         mallopt(M_MMAP_THRESHOLD, 2**28)  # blocks below 256 MiB come from the heap, not from mmap
 
 
-def add_l1_grad(params: list[torch.Tensor], l1: float) -> None:
-    """Adds the gradient of l1 * sum|w| to each parameter's gradient, the same as adding the penalty to the
-    loss (d|w|/dw = sign(w), 0 at 0, as autograd's abs), without building it into the graph each step."""
-    torch._foreach_add_([p.grad for p in params], torch._foreach_sign(params), alpha=l1)
-
-
 def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Index batches of one epoch; a lone last sample joins the batch before it (BatchNorm cannot train on one)."""
     batches = list(torch.split(order, batch_size))
@@ -103,7 +99,8 @@ def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def train_one_epoch(model: Net, optimizer: torch.optim.Optimizer, scheduler, data: DeviceData, cfg: Config,
-                    progress: Optional[Callable] = None) -> dict:
+                    progress: Optional[Callable] = None) -> Generator[None, None, dict]:
+    """The eager step: yields after every step (so that jobs can take turns), returns the epoch's train metrics."""
     model.train()
     n = len(data.train_labels)
     order = torch.randperm(n, device=data.train_labels.device)
@@ -126,10 +123,14 @@ def train_one_epoch(model: Net, optimizer: torch.optim.Optimizer, scheduler, dat
         correct += (out.detach().argmax(1) == y).sum()
         if step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(loss_sum):
             raise Diverged(f"training loss became {loss_sum.item()} at batch {step + 1}")
-    train_loss = loss_sum.item()
-    if not math.isfinite(train_loss):
-        raise Diverged(f"training loss became {train_loss}")
-    return {"train_loss": train_loss / n, "train_acc": 100.0 * correct.item() / n}
+        yield
+    return check_finite({"train_loss": loss_sum.item() / n, "train_acc": 100.0 * correct.item() / n})
+
+
+def check_finite(metrics: dict) -> dict:
+    if not math.isfinite(metrics["train_loss"]):
+        raise Diverged(f"training loss became {metrics['train_loss']}")
+    return metrics
 
 
 @torch.inference_mode()
@@ -166,37 +167,39 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, history: list[dict]
 
 
 def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> dict:
-    """Train (or resume) the job in job_dir. Writes metrics.jsonl and the checkpoint after every epoch and
-    misclassified.json at the end; returns facts for the summary. Raises on failure (Diverged included)."""
+    """Train (or resume) the job in job_dir to its end; see training()."""
+    steps = training(cfg, job_dir, dataset, device)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> Generator[None, None, dict]:
+    """Train (or resume) the job in job_dir, yielding after every training step so that several jobs can take turns
+    in one process (launcher.py). Writes metrics.jsonl and the checkpoint after every epoch and misclassified.json
+    at the end; returns facts for the summary. Raises on failure (Diverged included)."""
     torch.set_num_threads(cfg.threads or cores_given())
     keep_freed_memory()
     torch.manual_seed(cfg.seed)
     data = DeviceData.from_dataset(dataset, device)
     model = build_model(cfg.norm.name, cfg.norm.groups, cfg.dropout, device, torch.get_num_threads())
-    params = count_params(model)
     log.info("model: %s norm, %d parameters; device %s, %d threads; %d train / %d test images", cfg.norm.name,
-             params, device, torch.get_num_threads(), len(data.train_labels), len(data.test_labels))
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.reg.l2)
+             count_params(model), device, torch.get_num_threads(), len(data.train_labels), len(data.test_labels))
+    optimizer = make_optimizer(model.parameters(), cfg)
     steps_per_epoch = len(split_batches(torch.arange(len(data.train_labels)), cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.optim.max_lr, epochs=cfg.epochs,
-                                                    steps_per_epoch=steps_per_epoch,
-                                                    cycle_momentum=cfg.optim.cycle_momentum)
-    history: list[dict] = []
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     checkpoint = job_dir / files.CHECKPOINT
-    if checkpoint.exists():
-        try:
-            state = torch.load(checkpoint, map_location=device, weights_only=True)
-        except Exception as e:
-            raise RuntimeError(f"{checkpoint}: unreadable ({type(e).__name__}); delete it to restart this job from "
-                               "epoch 1") from e
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        history = state["history"]
+    history = resume(checkpoint, model, optimizer, scheduler, device)
+    if history:
         files.write_jsonl(job_dir / files.METRICS, history)  # drop any epoch logged after the checkpoint
         log.info("resuming from the checkpoint after epoch %d of %d", len(history), cfg.epochs)
+    graphed = None
+    if cfg.cuda_graphs and device.type == "cuda":
+        graphed = DeviceStep(model, optimizer, data, cfg, steps_per_epoch, steps_done=len(history) * steps_per_epoch,
+                             capture=True)
+        log.info("training step captured as %d CUDA graph(s)", len(graphed.graphs))
 
     show_bar = sys.stderr.isatty()
     board = open_tensorboard(cfg, job_dir, first_epoch=len(history) + 1)  # None unless logger=tensorboard
@@ -205,11 +208,14 @@ def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> d
         for epoch in range(len(history) + 1, cfg.epochs + 1):
             progress = None
             if show_bar:
-                from tqdm import tqdm
                 progress = lambda it: tqdm(it, desc=f"epoch {epoch}", leave=False, file=sys.stderr)  # noqa: E731
             started = time.perf_counter()
-            row = {"epoch": epoch, **train_one_epoch(model, optimizer, scheduler, data, cfg, progress)}
-            row["lr"] = scheduler.get_last_lr()[0]
+            if graphed is None:
+                metrics = yield from train_one_epoch(model, optimizer, scheduler, data, cfg, progress)
+            else:
+                metrics = check_finite((yield from graphed.epoch(progress)))
+                advance_scheduler(scheduler, steps_per_epoch)
+            row = {"epoch": epoch, **metrics, "lr": scheduler.get_last_lr()[0]}
             row["train_seconds"] = time.perf_counter() - started
             started = time.perf_counter()
             row["test_loss"], row["test_acc"], pred = evaluate(model, data.test_inputs, data.test_labels)
@@ -233,6 +239,22 @@ def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> d
         _, _, pred = evaluate(model, data.test_inputs, data.test_labels)
     write_misclassified(job_dir, data, pred.cpu())
     return {"threads": torch.get_num_threads()}
+
+
+def resume(checkpoint: Path, model: Net, optimizer, scheduler, device: torch.device) -> list[dict]:
+    """Loads the checkpoint, if there is one, into the model, optimizer, scheduler and RNG; -> the epochs it holds."""
+    if not checkpoint.exists():
+        return []
+    try:
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"{checkpoint}: unreadable ({type(e).__name__}); delete it to restart this job from "
+                           "epoch 1") from e
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["history"]
 
 
 def open_tensorboard(cfg: Config, job_dir: Path, first_epoch: int):
