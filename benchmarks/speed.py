@@ -4,6 +4,8 @@ normsweep's trainer on the same real MNIST images, in one run; and a sweep mode 
     python benchmarks/speed.py --data-root data                      # one epoch each, images/s and ratio
     python benchmarks/speed.py --data-root data --images 12800       # fewer images
     python benchmarks/speed.py --data-root data --sweep --epochs 2   # 6-run sweep at 1 and 2 epochs, extrapolated
+    python benchmarks/speed.py --data-root data --device cuda        # reference, eager and CUDA-graph step on a GPU
+    python benchmarks/speed.py --data-root data --sweep hydra/launcher=gpu device=cuda   # the sweep on one GPU
 
 The reference pipeline lives here only, never in the product's code path.
 """
@@ -28,7 +30,18 @@ sys.path.insert(0, str(ROOT))
 from normsweep.config import Config  # noqa: E402
 from normsweep.data import load_data, obtain_mnist  # noqa: E402
 from normsweep.model import build_model  # noqa: E402
-from normsweep.train import DeviceData, keep_freed_memory, train_one_epoch  # noqa: E402
+from normsweep.step import DeviceStep, JobContext, make_optimizer, make_scheduler  # noqa: E402
+from normsweep.train import DeviceData, keep_freed_memory, split_batches, train_one_epoch  # noqa: E402
+
+
+def drain(steps) -> None:
+    for _ in steps:
+        pass
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class ReferenceNet(nn.Module):
@@ -48,7 +61,7 @@ class ReferenceNet(nn.Module):
         return F.log_softmax(self.net(x).view(-1, 10), dim=-1)
 
 
-def reference_images_per_s(raw_dir: Path, images: int, batch_size: int, workers: int) -> float:
+def reference_images_per_s(raw_dir: Path, images: int, batch_size: int, workers: int, device: torch.device) -> float:
     """torchvision datasets.MNIST with per-sample PIL transforms, DataLoader(shuffle, workers), SGD + OneCycleLR."""
     from torchvision import datasets, transforms
 
@@ -72,36 +85,59 @@ def reference_images_per_s(raw_dir: Path, images: int, batch_size: int, workers:
         ])
         train = datasets.MNIST(tmp, train=True, download=False, transform=transform)
         train = torch.utils.data.Subset(train, range(min(images, len(train))))
-        loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=workers)
-        model = ReferenceNet()
+        loader = torch.utils.data.DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                             pin_memory=device.type == "cuda")
+        model = ReferenceNet().to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.015, momentum=0.7)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.015, epochs=1, steps_per_epoch=len(loader))
         model.train()
         started = time.perf_counter()
         seen = 0
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad()
             loss = F.nll_loss(model(x), y)
             loss.backward()
             optimizer.step()
             scheduler.step()
             seen += len(y)
+        sync(device)
         return seen / (time.perf_counter() - started)
 
 
-def normsweep_images_per_s(data_root: Path, images: int, batch_size: int, precision: str) -> float:
-    """The trainer as fit() sets it up (allocator setting, model layout), for batch norm, on CPU."""
+def normsweep_images_per_s(data_root: Path, images: int, batch_size: int, precision: str, device: torch.device,
+                           graphs: bool) -> float:
+    """The trainer as training() sets it up (allocator setting, model layout), for batch norm: the eager step, or
+    (graphs) the device step replayed as CUDA graphs, timed over one epoch after its capture."""
     keep_freed_memory()  # process-wide: main() runs the reference pipeline first, so it keeps glibc's defaults
     cfg = Config(batch_size=batch_size, epochs=1, precision=precision)
-    device = torch.device("cpu")
     data = DeviceData.from_dataset(load_data("mnist", data_root, train_limit=images, test_limit=1000), device)
-    model = build_model("bn", 4, cfg.dropout, device, torch.get_num_threads())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.015, momentum=0.7)
-    steps = -(-len(data.train_labels) // batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.015, epochs=1, steps_per_epoch=steps)
-    started = time.perf_counter()
-    train_one_epoch(model, optimizer, scheduler, data, cfg)
+    with JobContext(device):
+        model = build_model("bn", 4, cfg.dropout, device, torch.get_num_threads())
+        optimizer = make_optimizer(model.parameters(), cfg)
+        steps = len(split_batches(torch.arange(len(data.train_labels)), batch_size))
+        scheduler = make_scheduler(optimizer, cfg, steps)
+        if graphs:
+            step = DeviceStep(model, optimizer, data, cfg, steps, steps_done=0, capture=True)
+            epoch = step.epoch()
+        else:
+            epoch = train_one_epoch(model, optimizer, scheduler, data, cfg)
+        sync(device)
+        started = time.perf_counter()
+        drain(epoch)
+        sync(device)
     return len(data.train_labels) / (time.perf_counter() - started)
+
+
+def time_run(data_root: Path, epochs: int, device: str) -> float:
+    """Wall clock of one whole `python run.py norm=bn device=<device>` (start-up, data, training, files)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(ROOT / "run.py"), "norm=bn", f"device={device}", f"epochs={epochs}",
+               f"data.root={data_root}", f"hydra.run.dir={tmp}/run"]
+        print("$", " ".join(cmd), flush=True)
+        started = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - started
 
 
 def time_sweep(data_root: Path, epochs: int, extra: list[str]) -> float:
@@ -122,6 +158,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     parser.add_argument("--workers", type=int, default=2, help="the reference DataLoader's workers")
     parser.add_argument("--precision", default="fp32", help="normsweep's precision (fp32 | bf16)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda: where every pipeline trains; on cuda the "
+                        "CUDA-graph step is measured too")
+    parser.add_argument("--run-epochs", type=int, default=0, help="also time one whole `python run.py norm=bn` of "
+                        "this many epochs on --device (its default path: CUDA graphs on cuda)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time run.py -m norm=bn,gn,ln reg=l1,l2 instead")
     parser.add_argument("--epochs", type=int, default=20, help="sweep mode: epochs per run (< 20 extrapolates; "
@@ -149,14 +189,21 @@ def main() -> None:
         print(f"measured: {one:.0f} s for 1 epoch; per epoch {per_epoch:.0f} s, fixed {one - per_epoch:.0f} s")
         print(f"sweep: 6 runs x 20 epochs: {(one + 19 * per_epoch) / 60:.1f} min (extrapolated from the two sweeps)")
         return
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    ref = None
     if not args.skip_reference:
-        ref = reference_images_per_s(raw_dir, args.images, args.batch_size, args.workers)
-        print(f"reference:         {ref:8.0f} train images/s", flush=True)
-    ours = normsweep_images_per_s(args.data_root, args.images, args.batch_size, args.precision)
-    print(f"normsweep ({args.precision}): {ours:8.0f} train images/s")
-    if not args.skip_reference:
-        print(f"ratio normsweep / reference: {ours / ref:.2f}x")
-
+        ref = reference_images_per_s(raw_dir, args.images, args.batch_size, args.workers, device)
+        print(f"reference:              {ref:8.0f} train images/s", flush=True)
+    paths = [("eager", False)] + ([("CUDA graphs", True)] if device.type == "cuda" else [])
+    for name, graphs in paths:
+        ours = normsweep_images_per_s(args.data_root, args.images, args.batch_size, args.precision, device, graphs)
+        ratio = f"   {ours / ref:.2f}x the reference" if ref else ""
+        print(f"normsweep {name} ({args.precision}): {ours:8.0f} train images/s{ratio}", flush=True)
+    if args.run_epochs:
+        seconds = time_run(args.data_root.resolve(), args.run_epochs, args.device)
+        print(f"one BN run, {args.run_epochs} epochs, python run.py: {seconds:.1f} s wall clock", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -82,11 +82,7 @@ def run_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = No
     before any file is written; a failure during training is recorded in summary.json, not raised.
     `command` is the command line recorded in summary.json (default: this process's)."""
     job = prepare_job(cfg, resolved, job_dir, command)
-    if isinstance(job, str):
-        return job
-    while job.advance():
-        pass
-    return job.status
+    return job if isinstance(job, str) else job.run()
 
 
 def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None) -> "JobRun | str":
@@ -125,6 +121,12 @@ class JobRun:
         self.status: str | None = None  # set when the job has ended
         self.context = JobContext(device)
         self._steps = self._life(data)
+
+    def run(self) -> str:
+        """Train to the end; -> the status."""
+        while self.advance():
+            pass
+        return self.status
 
     def advance(self) -> bool:
         """One training step (or the job's setup, or its end); -> False once the job has ended."""

@@ -150,20 +150,24 @@ class DeviceStep:
 
     def _capture(self) -> None:
         """Warm up each step eagerly, capture it, then put back every tensor and the RNG as they were: neither the
-        warm-up nor the capture trains. Runs on the job's own (non-default) stream, see JobContext."""
+        warm-up nor the capture trains. Both happen on a side stream, as PyTorch's CUDA-graph notes require."""
         saved = [t.clone() for t in self._state()]
         rng = torch.cuda.get_rng_state(self.order.device)
-        for size in self.sizes_once():
-            for _ in range(WARMUP_STEPS):
+        current, side = torch.cuda.current_stream(), torch.cuda.Stream(self.order.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for size in self.sizes_once():
+                for _ in range(WARMUP_STEPS):
+                    self.position.zero_()
+                    self._step(size)
+                graph = torch.cuda.CUDAGraph()
                 self.position.zero_()
-                self._step(size)
-            graph = torch.cuda.CUDAGraph()
-            self.position.zero_()
-            with torch.cuda.graph(graph, stream=torch.cuda.current_stream()):
-                self._step(size)
-            self.graphs[size] = graph
-        for tensor, value in zip(self._state(), saved):
-            tensor.copy_(value)
+                with torch.cuda.graph(graph, stream=side):
+                    self._step(size)
+                self.graphs[size] = graph
+            for tensor, value in zip(self._state(), saved):
+                tensor.copy_(value)
+        current.wait_stream(side)
         torch.cuda.set_rng_state(rng, self.order.device)
 
     def _run(self, size: int) -> None:

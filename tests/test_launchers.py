@@ -2,7 +2,6 @@
 submitit_local sweep (each job in its own process) leaves complete run folders, the table, and resumes."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from normsweep import files
+from normsweep.app import threads_per_job
 from normsweep.config import register_configs
 from normsweep.train import cores_given
 
@@ -20,13 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 JOBS = [f"{norm}-none-bs64-s1-data.test_limit=100-data.train_limit=256-data=fake-epochs=1" for norm in ("bn", "gn")]
 SKIPPED = "already completed with the same config"
 register_configs()
-
-
-def load_run_py():
-    spec = importlib.util.spec_from_file_location("normsweep_run", REPO / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def slurm_launcher(*overrides: str):
@@ -46,7 +39,6 @@ def test_slurm_launcher_defaults_and_overrides():
 
 
 def test_threads_per_job_follows_the_launcher():
-    threads_per_job = load_run_py().threads_per_job
     cores = cores_given()
     launcher = lambda **keys: OmegaConf.create(keys)  # noqa: E731
     assert threads_per_job(0, launcher()) == 0  # basic launcher: torch's default, every core

@@ -134,7 +134,9 @@ def test_multirun_leaves_one_folder_per_job_and_the_table(grid_sweep):
         assert summary["torch"].split("+")[0] == importlib.metadata.version("torch").split("+")[0]
         assert summary["git_commit"] == commit
         assert isinstance(summary["git_dirty"], bool) if commit else summary["git_dirty"] is None
-        assert "-m" in summary["command"] and "norm=bn,gn" in summary["command"]
+        command = summary["command"].split()  # the command that reruns this one job into this folder
+        assert "-m" in command and f"norm={norm}" in command and f"reg={reg}" in command
+        assert f"hydra.sweep.dir={grid_sweep}" in command
 
         # One seed per row: the table shows the summary's numbers with a std of 0.
         row = by_label[LABELS[norm, reg]]
