@@ -2,6 +2,8 @@
 the job's own command line settled here), with bad input stopped by one line and exit code 2."""
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import shlex
 import shutil
@@ -12,14 +14,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from normsweep import files
+from normsweep.config import Config
 from normsweep.data import DataError
 from normsweep.job import JobRun, prepare_job
 from normsweep.train import cores_given
 
 CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding this package and run.py
 RUN_PY = CHECKOUT / "run.py"
+log = logging.getLogger(__name__)
 
 
 def remove_if_empty_result(job_dir: Path, mode: RunMode) -> None:
@@ -36,6 +41,10 @@ def threads_per_job(threads: int, launcher: DictConfig) -> int:
     """With hydra/launcher=joblib, jobs run side by side: split the cores between them so that together they
     use every core once (more threads than cores slows everything down). A submitit job (hydra/launcher=slurm,
     submitit_local) uses the cpus_per_task it asked for, when it asked. 0 leaves torch's default."""
+    if threads > cores_given():
+        log.warning("threads=%d is more than the %d cores given to this process: using %d", threads, cores_given(),
+                    cores_given())
+        return cores_given()
     if threads:
         return threads
     cpus_per_task = launcher.get("cpus_per_task")
@@ -71,15 +80,32 @@ def let_job_processes_import_normsweep() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, paths]))
 
 
+def with_schema(cfg: DictConfig) -> DictConfig:
+    """cfg merged into the schema: a key the schema lacks (`+epoch=1`, a typo of epochs) or a value of the wrong
+    type raises ValueError naming it. Also types a config composed without the schema, such as a job's snapshot
+    (`--config-path <job>/.hydra --config-name config`)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except ConfigKeyError as e:
+        key = e.full_key or e.key
+        known = [k for k in files.flatten(OmegaConf.to_container(OmegaConf.structured(Config)))]
+        closest = difflib.get_close_matches(str(key), known, n=1)
+        hint = f"; did you mean {closest[0]}?" if closest else f"; valid keys: {', '.join(known)}"
+        raise ValueError(f"unknown key {key}{hint}") from None
+    except ValidationError as e:
+        raise ValueError(" ".join(str(e).split("\n")[0].split())) from None
+
+
 def prepare(cfg: DictConfig) -> JobRun | str:
-    """The job of this Hydra config, ready to train, or its status when it already completed. Bad settings or
-    data: one line on stderr, no folder left behind, SystemExit(2), which stops a sweep."""
+    """The job of this Hydra config, ready to train, or its status when it already completed or runs elsewhere.
+    Bad settings or data: one line on stderr, no folder left behind, SystemExit(2), which stops a sweep."""
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
-    cfg.data.root = hydra.utils.to_absolute_path(cfg.data.root)  # Hydra may run jobs from other folders
-    cfg.threads = threads_per_job(cfg.threads, hydra_cfg.launcher)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
+        cfg = with_schema(cfg)
+        cfg.data.root = hydra.utils.to_absolute_path(cfg.data.root)  # Hydra may run jobs from other folders
+        cfg.threads = threads_per_job(cfg.threads, hydra_cfg.launcher)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
         return prepare_job(OmegaConf.to_object(cfg), resolved, job_dir, job_command(hydra_cfg))
     except (ValueError, DataError) as e:
         remove_if_empty_result(job_dir, hydra_cfg.mode)
@@ -89,8 +115,11 @@ def prepare(cfg: DictConfig) -> JobRun | str:
 
 def stop_unless_completed(job_dir: Path, status: str, stop: bool) -> None:
     """A single run, or a sweep with fail_fast=true, exits non-zero when its job did not complete."""
-    if status != files.STATUS_COMPLETED and stop:
-        raise SystemExit(f"{job_dir.name} {status}: see {job_dir / files.SUMMARY} and the log beside it")
+    if status == files.STATUS_COMPLETED or not stop:
+        return
+    if status == files.STATUS_RUNNING:
+        raise SystemExit(f"{job_dir.name} is running in {files.FolderLock(job_dir).holder()}: not run again")
+    raise SystemExit(f"{job_dir.name} {status}: see {job_dir / files.SUMMARY} and the log beside it")
 
 
 def main(cfg: DictConfig) -> str:

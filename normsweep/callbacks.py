@@ -27,8 +27,10 @@ class CollectAtEnd(Callback):
         if exit_code == 0:
             log.info("results table: %s", sweep_dir / files.RESULTS_MD)
             return
-        if exit_code == 1:
+        if exit_code == 1:  # the collector's own line above says how many and whether some run elsewhere
             log.error("some jobs did not complete: see the Status column of %s", sweep_dir / files.RESULTS_MD)
+        elif exit_code == 3:
+            log.error("no new results table for %s: the collector's message above says why", sweep_dir)
         else:
             log.error("no results table for %s (collector exit code %d)", sweep_dir, exit_code)
         raise SystemExit(1)

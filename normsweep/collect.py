@@ -27,10 +27,10 @@ ROW_KEYS = ("norm.name", "reg.name", "batch_size", "reg.l1", "reg.l2")  # always
 # Settings that do not change what is measured: runs differing only in these share a row (seeds are averaged).
 NON_EXPERIMENT_KEYS = ("seed", *files.RUNTIME_KEYS)
 VALUE_NAMES = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc")
-STATUS_UNFINISHED = "unfinished"  # no summary.json: still running, or killed
-STATUS_UNREADABLE = "unreadable"  # a file of the job is corrupt
-STATUS_ORDER = (files.STATUS_COMPLETED, files.STATUS_FAILED, files.STATUS_DIVERGED,
-                STATUS_UNFINISHED, STATUS_UNREADABLE)  # the order of the counts in a Status cell
+STATUS_UNFINISHED = "unfinished"  # no summary.json and no process holding its lock: killed
+STATUS_UNREADABLE = "unreadable"  # a file of the job is corrupt: "unreadable: <file>"
+STATUS_ORDER = (files.STATUS_COMPLETED, files.STATUS_FAILED, files.STATUS_DIVERGED, files.STATUS_RUNNING,
+                STATUS_UNFINISHED)  # the order of the counts in a Status cell; unreadable ones come last
 CURVE_PANELS = (("train_loss", "Train loss", "loss"), ("train_acc", "Train accuracy", "accuracy (%)"),
                 ("test_loss", "Test loss", "loss"), ("test_acc", "Test accuracy", "accuracy (%)"))
 
@@ -56,9 +56,11 @@ class Report:
     out_dir: Path  # where results.md, results.csv and the plots went
     unfinished_jobs: int  # jobs not completed: failed, diverged, unfinished or unreadable
     problems: list[str] = field(default_factory=list)  # one message per unreadable file
+    running_jobs: int = 0  # of the unfinished: those another process is running now
 
 
 def _warn(problems: list[str], message: str) -> None:
+    message = " ".join(message.split())  # one line, even for YAML's multi-line parser errors
     log.warning("%s", message)
     problems.append(message)
 
@@ -84,16 +86,29 @@ def _values_from_metrics(metrics: pd.DataFrame) -> dict[str, float]:
             "final_test_acc": test_acc.iloc[-1] if len(test_acc) else np.nan}
 
 
+def _read_config(job_dir: Path) -> dict[str, object]:
+    config = files.flatten(yaml.safe_load((job_dir / files.CONFIG).read_text()))
+    if "norm.name" not in config or "reg.name" not in config:
+        raise KeyError("norm.name or reg.name missing")  # without them the run has no label
+    return config
+
+
 def read_job(job_dir: Path, problems: list[str]) -> Job | None:
-    """One run folder; None when its config is missing or unreadable, since then it has no row to go in."""
+    """One run folder. A file that cannot be read, decoded or understood marks the job `unreadable: <file>`; its
+    row comes from Hydra's snapshot (.hydra/config.yaml) when config.yaml is the bad file. None when neither config
+    can be read, since then the job has no row to go in."""
+    bad: list[str] = []
     try:
-        config = files.flatten(yaml.safe_load((job_dir / files.CONFIG).read_text()))
-        if "norm.name" not in config or "reg.name" not in config:
-            raise KeyError("norm.name or reg.name missing")  # without them the run has no label
-    except (OSError, yaml.YAMLError, AttributeError, KeyError) as error:
-        _warn(problems, f"{job_dir / files.CONFIG}: unreadable ({error!r}); job left out of the table")
-        return None
-    unreadable = False
+        config = _read_config(job_dir)
+    except Exception as error:  # noqa: BLE001 - any damage: OSError, UnicodeDecodeError, YAML, wrong types
+        _warn(problems, f"{job_dir / files.CONFIG}: unreadable ({type(error).__name__}: {error})")
+        bad.append(files.CONFIG)
+        try:
+            config = files.flatten(yaml.safe_load((job_dir / ".hydra" / files.CONFIG).read_text()))
+            config["norm.name"], config["reg.name"]  # noqa: B018 - the row's label needs both
+        except Exception:  # noqa: BLE001
+            _warn(problems, f"{job_dir}: no readable config; job left out of the table")
+            return None
     metrics = pd.DataFrame()
     if (job_dir / files.METRICS).exists():
         try:
@@ -101,9 +116,10 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
             if not all(isinstance(r, dict) for r in records):
                 raise ValueError("a line is not a JSON object")
             metrics = pd.DataFrame(records)
-        except (OSError, ValueError) as error:
-            _warn(problems, f"{job_dir / files.METRICS}: unreadable ({error})")
-            unreadable = True
+        except Exception as error:  # noqa: BLE001
+            _warn(problems, f"{job_dir / files.METRICS}: unreadable ({type(error).__name__}: {error})")
+            bad.append(files.METRICS)
+            metrics = pd.DataFrame()
     if "epoch" not in metrics:
         metrics["epoch"] = range(1, len(metrics) + 1)
     summary = None
@@ -112,12 +128,16 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
             summary = json.loads((job_dir / files.SUMMARY).read_text())
             values = {name: float("nan" if summary.get(name) is None else summary[name]) for name in VALUE_NAMES}
             epochs_done, status = int(summary.get("epochs_done") or len(metrics)), str(summary["status"])
-        except (OSError, ValueError, TypeError, KeyError) as error:
-            _warn(problems, f"{job_dir / files.SUMMARY}: unreadable ({error!r})")
-            summary, unreadable = None, True
+        except Exception as error:  # noqa: BLE001
+            _warn(problems, f"{job_dir / files.SUMMARY}: unreadable ({type(error).__name__}: {error})")
+            summary = None
+            bad.append(files.SUMMARY)
     if summary is None:  # killed, still running, or unreadable summary: whatever the epochs say
-        values, epochs_done, status = _values_from_metrics(metrics), len(metrics), STATUS_UNFINISHED
-    return Job(job_dir, config, STATUS_UNREADABLE if unreadable else status, epochs_done, values, metrics)
+        values, epochs_done = _values_from_metrics(metrics), len(metrics)
+        status = files.STATUS_RUNNING if files.is_locked(job_dir) else STATUS_UNFINISHED
+    if bad:
+        status = f"{STATUS_UNREADABLE}: {', '.join(bad)}"
+    return Job(job_dir, config, status, epochs_done, values, metrics)
 
 
 def _plain(value: object) -> str:
@@ -279,6 +299,15 @@ def collect(dirs: list[Path]) -> Report:
     jobs = [job for job in (read_job(d, problems) for d in job_dirs) if job is not None]
     if not jobs:
         raise NoRunsError(f"no runs (folders with {files.CONFIG}) found under {', '.join(map(str, dirs))}")
+    lock = files.FolderLock(dirs[0], files.COLLECT_LOCK)
+    lock.acquire(wait=True)  # one collector at a time writes into the folder (two sweeps may end together)
+    try:
+        return _write(dirs[0], job_dirs, jobs, problems)
+    finally:
+        lock.release()
+
+
+def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[str]) -> Report:
     all_keys = dict.fromkeys(k for job in jobs for k in job.config)  # config order, first seen first
     extra_keys = [k for k in all_keys if k not in ROW_KEYS and k not in NON_EXPERIMENT_KEYS
                   and len({job.config.get(k) for job in jobs}) > 1]
@@ -289,22 +318,29 @@ def collect(dirs: list[Path]) -> Report:
     ordered = sorted(groups.items(), key=lambda item: _sort_key(item[0]))
     rows = pd.DataFrame([_row(key, keys, group) for key, group in ordered])
     markdown = _markdown(rows, extra_keys)
-    out_dir = dirs[0]
-    files.write_atomic(out_dir / files.RESULTS_MD, markdown)
+    files.remove_stale_temp_files(out_dir)
+    # results.md goes first and comes back last: whenever it exists, results.csv beside it is its data
+    (out_dir / files.RESULTS_MD).unlink(missing_ok=True)
     files.write_atomic(out_dir / files.RESULTS_CSV, rows.to_csv(index=False))
+    files.write_atomic(out_dir / files.RESULTS_MD, markdown)
     plot_curves(_names(rows, keys[2:]), [group for _, group in ordered], out_dir / files.CURVES_PNG)
     if rows["batch_size"].nunique() > 1:
         # one line per setting other than the batch size and what follows it (a learning rate scaled with it)
         line_keys = [k for k in keys[2:] if k != "batch_size" and not _follows_batch_size(rows, k)]
         plot_batch_size(rows, _names(rows, line_keys), out_dir / files.BATCH_SIZE_PNG)
     for job in jobs:
-        plot_misclassified(job, problems)
+        try:
+            plot_misclassified(job, problems)
+        except OSError as error:  # e.g. a folder where misclassified.png should be: the table stands
+            _warn(problems, f"{job.path / files.MISCLASSIFIED_PNG}: not written ({error})")
     unfinished = len(job_dirs) - sum(job.status == files.STATUS_COMPLETED for job in jobs)
-    return Report(rows, markdown, out_dir, unfinished, problems)
+    running = sum(job.status == files.STATUS_RUNNING for job in jobs)
+    return Report(rows, markdown, out_dir, unfinished, problems, running)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: exit 0 when every job completed, 1 when some did not, 2 when there is nothing to collect."""
+    """CLI: exit 0 when every job completed, 1 when some did not, 2 when there is nothing to collect, 3 when the
+    table could not be written (the message says why; results.md is then absent or older than the jobs)."""
     parser = argparse.ArgumentParser(prog="normsweep-collect", description=__doc__)
     parser.add_argument("dirs", nargs="+", type=Path, metavar="SWEEP_DIR",
                         help="sweep or run folders, searched recursively; results go into the first")
@@ -325,10 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         except NoRunsError as error:
             log.error("%s", error)
             return 2
+        except Exception as error:  # noqa: BLE001 - e.g. the folder cannot be written: one line, not a traceback
+            log.error("no table written: %s: %s", type(error).__name__, " ".join(str(error).split()))
+            return 3
         print(report.markdown, end="")
         print(f"\nwrote {report.out_dir / files.RESULTS_MD} and {files.RESULTS_CSV}")
         if report.unfinished_jobs:
-            log.warning("%d job(s) did not complete", report.unfinished_jobs)
+            elsewhere = f", {report.running_jobs} of them running in another process" if report.running_jobs else ""
+            log.warning("%d job(s) did not complete%s: see the Status column", report.unfinished_jobs, elsewhere)
         return 1 if report.unfinished_jobs else 0
     finally:
         log.removeHandler(handler)

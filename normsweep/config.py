@@ -106,6 +106,11 @@ def validate(cfg: Config) -> None:
         (cfg.data.train_limit is None or cfg.data.train_limit > 0, "data.train_limit must be null or a positive integer"),
         (cfg.data.test_limit is None or cfg.data.test_limit > 0, "data.test_limit must be null or a positive integer"),
     ]
+    if cfg.norm.name == "bn":  # BatchNorm cannot normalize a batch of one sample
+        checks += [(cfg.batch_size >= 2, f"batch_size={cfg.batch_size}: norm=bn needs at least 2 samples in every "
+                    "training batch"),
+                   (cfg.data.train_limit is None or cfg.data.train_limit >= 2,
+                    f"data.train_limit={cfg.data.train_limit}: norm=bn needs at least 2 training images")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)

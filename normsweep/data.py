@@ -230,6 +230,13 @@ def _obtain_idx(spec: _IdxSpec, root: str | Path, sources: tuple[_Source, ...]) 
     """The folder holding spec's four verified IDX files: root/<folder>/raw when they are all there, else the
     system package's folder, else root/<folder>/raw after fetching them with the first of `sources` that works."""
     raw_dir = Path(root) / spec.folder / "raw"
+    if Path(root).exists() and not Path(root).is_dir():
+        raise DataError(f"data.root={root} is a file, not a folder: point data.root at a folder "
+                        f"({spec.folder} goes into <data.root>/{spec.folder}/raw)")
+    for name in spec.md5:
+        for path in (raw_dir / name, raw_dir / f"{name}.gz"):
+            if path.is_dir():
+                raise DataError(f"{path} is a folder where the data file {path.name} belongs: move it away and rerun")
     if all(_find(raw_dir, name) for name in spec.md5):
         verify_idx(raw_dir, spec.md5)  # a bad file is the user's to delete: never overwrite or train on it
         logger.info("%s: using existing files in %s", spec.folder, raw_dir)
@@ -244,7 +251,14 @@ def _obtain_idx(spec: _IdxSpec, root: str | Path, sources: tuple[_Source, ...]) 
         else:
             logger.info("%s: using the %s files in %s", spec.folder, spec.system_package, spec.system_dir)
             return spec.system_dir
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=raw_dir, prefix=".write-test-")  # mkdir succeeds on a read-only dir
+        probe.close()
+    except OSError as e:
+        raise DataError(f"No {spec.folder} files in {raw_dir}, and it cannot be written to fetch them "
+                        f"({e.strerror or type(e).__name__}): copy the four IDX files there, or choose a writable "
+                        "data.root") from None
     for source, fetch in sources:
         try:
             fetch(Path(root), raw_dir)

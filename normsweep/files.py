@@ -1,9 +1,12 @@
 """The run folder's file names, run labels and atomic writes: the one place the trainer and the collector share."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import platform
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,12 @@ RESULTS_CSV = "results.csv"
 CURVES_PNG = "curves.png"
 BATCH_SIZE_PNG = "batch_size.png"
 
+LOCK = ".lock"  # held (flock) by the one process running the job; says who in its content
+COLLECT_LOCK = ".collect.lock"  # held by the collector writing the table into a folder
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 STATUS_DIVERGED = "diverged"
+STATUS_RUNNING = "running"  # another process holds the job's lock
 
 # Settings that change how a job runs, not what it computes: a rerun differing only in these is the same job
 # (job.py), and runs differing only in these (and the seed) share a row of the table (collect.py).
@@ -77,3 +83,64 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Temp files of write_atomic that a kill left behind; call only while no one else writes into folder."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+class FolderLock:
+    """An exclusive lock on <folder>/.lock for as long as one process works in the folder.
+
+    fcntl.flock rather than a lock-file library: the kernel releases it when the holding process dies, however it
+    dies (kill -9 included), so a stale lock never blocks; the file's content (pid, host, since) only names the
+    holder. On NFS, Linux maps flock to byte-range locks that the server arbitrates (NFSv4, or v3 with lockd); a
+    lock held from a node that crashed is released when the server's lease expires (typically 90 s)."""
+
+    def __init__(self, folder: Path, name: str = LOCK):
+        self.path = Path(folder) / name
+        self._fd: int | None = None
+
+    def acquire(self, wait: bool = False) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        holder = {"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def holder(self) -> str:
+        """'pid 123 on host node1 since 2026-11-26T10:00:00+0000', as the holder wrote it."""
+        try:
+            who = json.loads(self.path.read_text())
+            return f"pid {who['pid']} on host {who['host']} since {who['since']}"
+        except (OSError, ValueError, TypeError, KeyError):
+            return "another process"
+
+
+def is_locked(folder: Path) -> bool:
+    """True while some process holds <folder>/.lock (never creates the file)."""
+    try:
+        fd = os.open(Path(folder) / LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own shared lock

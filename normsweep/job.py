@@ -21,7 +21,7 @@ from normsweep.config import Config, validate
 from normsweep.data import Dataset, load_data
 from normsweep.model import Net, count_params
 from normsweep.step import JobContext
-from normsweep.train import Diverged, resolve_device, training
+from normsweep.train import CheckpointError, Diverged, resolve_device, training
 
 log = logging.getLogger(__name__)
 
@@ -86,29 +86,51 @@ def run_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = No
 
 
 def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None) -> "JobRun | str":
-    """Everything before the first training step: checks, the skip/resume/restart decision, the config file.
-    -> the job, ready to train, or its status when it already completed with the same config."""
+    """Everything before the first training step: checks, the job's lock, the skip/resume/restart decision, the
+    config file. -> the job, ready to train and holding its lock, or its status when it already completed
+    (or is running in another process, which holds the lock)."""
     validate(cfg)
     device = resolve_device(cfg.device)
-    config_path = job_dir / files.CONFIG
-    old = _read_previous(config_path, yaml.safe_load)
-    summary_path = job_dir / files.SUMMARY
-    if _same_job(old, resolved):
-        previous = _read_previous(summary_path, json.loads) or {}
-        if previous.get("status") == files.STATUS_COMPLETED:
+    for name in (files.CONFIG, *RESULT_FILES):
+        if (job_dir / name).is_dir():
+            raise ValueError(f"{job_dir / name} is a folder where normsweep writes a file: move it away and rerun")
+    lock = files.FolderLock(job_dir)
+    if not lock.acquire():
+        log.warning("skipping %s: it is running in %s", job_dir.name, lock.holder())
+        return files.STATUS_RUNNING
+    try:
+        files.remove_stale_temp_files(job_dir)  # the lock says no one else is writing here
+        if _completed_with_same_config(job_dir, resolved):
             log.info("skipping %s: already completed with the same config", job_dir.name)
+            lock.release()
             return files.STATUS_COMPLETED
-    data = load_data(cfg.data.name, cfg.data.root, cfg.data.train_limit, cfg.data.test_limit)
+        data = load_data(cfg.data.name, cfg.data.root, cfg.data.train_limit, cfg.data.test_limit)
+        _start_or_resume(job_dir, resolved)
+        return JobRun(cfg, job_dir, data, device, command or shlex.join(sys.argv), lock)
+    except BaseException:
+        lock.release()
+        raise
 
-    if not _same_job(old, resolved):
+
+def _completed_with_same_config(job_dir: Path, resolved: dict) -> bool:
+    if not _same_job(_read_previous(job_dir / files.CONFIG, yaml.safe_load), resolved):
+        return False
+    previous = _read_previous(job_dir / files.SUMMARY, json.loads) or {}
+    return previous.get("status") == files.STATUS_COMPLETED
+
+
+def _start_or_resume(job_dir: Path, resolved: dict) -> None:
+    """Keeps the results of an interrupted run of the same config (training resumes from its checkpoint);
+    removes those of another config. Then writes the config the job runs with."""
+    config_path = job_dir / files.CONFIG
+    if not _same_job(_read_previous(config_path, yaml.safe_load), resolved):
         if config_path.exists():
             log.info("config of %s changed since its last run: starting afresh", job_dir.name)
         for name in RESULT_FILES:
             (job_dir / name).unlink(missing_ok=True)
         shutil.rmtree(job_dir / files.TENSORBOARD_DIR, ignore_errors=True)  # curves of the old config
-    summary_path.unlink(missing_ok=True)  # a rerun of a failed job: its new summary replaces the old
+    (job_dir / files.SUMMARY).unlink(missing_ok=True)  # a rerun of a failed job: its new summary replaces the old
     files.write_atomic(config_path, yaml.safe_dump(resolved, sort_keys=False))
-    return JobRun(cfg, job_dir, data, device, command or shlex.join(sys.argv))
 
 
 class JobRun:
@@ -116,8 +138,9 @@ class JobRun:
     that jobs can take turns in one process); the last one writes summary.json. A failure during training ends
     the job with status failed or diverged, recorded in the summary, and is not raised."""
 
-    def __init__(self, cfg: Config, job_dir: Path, data: Dataset, device: torch.device, command: str):
-        self.cfg, self.job_dir, self.device, self.command = cfg, job_dir, device, command
+    def __init__(self, cfg: Config, job_dir: Path, data: Dataset, device: torch.device, command: str,
+                 lock: files.FolderLock):
+        self.cfg, self.job_dir, self.device, self.command, self.lock = cfg, job_dir, device, command, lock
         self.status: str | None = None  # set when the job has ended
         self.context = JobContext(device)
         self._steps = self._life(data)
@@ -139,6 +162,12 @@ class JobRun:
                 return False
 
     def _life(self, data: Dataset) -> Generator[None, None, str]:
+        try:
+            return (yield from self._train_and_summarize(data))
+        finally:
+            self.lock.release()
+
+    def _train_and_summarize(self, data: Dataset) -> Generator[None, None, str]:
         started = time.time()
         status, error, extra = files.STATUS_COMPLETED, None, {}
         try:
@@ -146,6 +175,9 @@ class JobRun:
         except Diverged as e:
             status, error = files.STATUS_DIVERGED, str(e)
             log.error("%s diverged: %s", self.job_dir.name, e)
+        except CheckpointError as e:  # its message is the whole story: no traceback
+            status, error = files.STATUS_FAILED, str(e)
+            log.error("%s failed: %s", self.job_dir.name, e)
         except Exception as e:  # noqa: BLE001 - any failure (out of GPU memory included) is recorded, the sweep goes on
             status, error = files.STATUS_FAILED, f"{type(e).__name__}: {e}"
             log.exception("%s failed", self.job_dir.name)

@@ -36,6 +36,10 @@ class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class CheckpointError(RuntimeError):
+    """The job's checkpoint cannot be resumed from; one line naming the file and the fix."""
+
+
 @dataclass
 class DeviceData:
     """The dataset on the training device: uint8 training images (augmented and normalized per batch),
@@ -245,16 +249,22 @@ def resume(checkpoint: Path, model: Net, optimizer, scheduler, device: torch.dev
     """Loads the checkpoint, if there is one, into the model, optimizer, scheduler and RNG; -> the epochs it holds."""
     if not checkpoint.exists():
         return []
+    fix = "delete it to restart this job from epoch 1"
     try:
         state = torch.load(checkpoint, map_location=device, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{checkpoint}: unreadable ({type(e).__name__}); delete it to restart this job from "
-                           "epoch 1") from e
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state["history"]
+        raise CheckpointError(f"{checkpoint}: unreadable ({type(e).__name__}); {fix}") from None
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        history = [dict(row) for row in state["history"]]
+    except Exception as e:  # loadable, but not a checkpoint of this job: wrong keys, shapes or types
+        problem = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{checkpoint}: not a checkpoint of this job ({type(e).__name__}: {problem}); "
+                              f"{fix}") from None
+    return history
 
 
 def open_tensorboard(cfg: Config, job_dir: Path, first_epoch: int):

@@ -172,8 +172,43 @@ def test_corrupt_file_marks_job_unreadable_and_keeps_the_table(tmp_path, capsys,
     assert str(bad / corrupt) in err and str(nolabel / files.CONFIG) in err
     markdown = (tmp_path / files.RESULTS_MD).read_text()
     assert table_column(markdown, "Regularization") == ["BatchNorm", "GroupNorm"]  # no row for a config-less job
-    assert table_column(markdown, "Status") == ["completed", "1 unreadable"]
+    assert table_column(markdown, "Status") == ["completed", f"1 unreadable: {corrupt}"]
     assert collect([tmp_path]).unfinished_jobs == 2
+
+
+def test_collector_survives_any_one_bad_file(tmp_path, capsys):
+    """Undecodable bytes, wrong JSON types, folders where files belong: each marks its own row, the rest stands."""
+    make_job(tmp_path, "good", [(0.3, 97.0, 0.03, 98.0)])
+    binary = make_job(tmp_path, "binary", [(0.3, 97.0, 0.03, 98.0)], norm__name="gn")
+    (binary / ".hydra" / files.CONFIG).write_text((binary / files.CONFIG).read_text())  # Hydra's snapshot
+    (binary / files.CONFIG).write_bytes(b"\xff\xfe\x00\x81 binary")
+    typed = make_job(tmp_path, "typed", [(0.3, 97.0, 0.03, 98.0)], norm__name="ln")
+    (typed / files.SUMMARY).write_text("[1, 2, 3]\n")  # valid JSON, wrong type
+    folder = make_job(tmp_path, "folder", [(0.3, 97.0, 0.03, 98.0)], reg__name="l2", reg__l2=0.001)
+    (folder / files.MISCLASSIFIED).write_text(json.dumps({"items": []}))
+    (folder / files.MISCLASSIFIED_PNG).mkdir()
+    assert main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert all(line.startswith(("WARNING", "ERROR")) for line in err.splitlines())  # one line per problem
+    markdown = (tmp_path / files.RESULTS_MD).read_text()
+    assert table_column(markdown, "Regularization") == ["BatchNorm", "BatchNorm with L2", "GroupNorm", "LayerNorm"]
+    assert table_column(markdown, "Status") == ["completed", "completed", "1 unreadable: config.yaml",
+                                                "1 unreadable: summary.json"]
+    assert (tmp_path / files.RESULTS_CSV).read_text().count("\n") == 5  # header and the same four rows
+
+
+def test_a_job_another_process_holds_shows_as_running(tmp_path):
+    make_job(tmp_path, "done", [(0.3, 97.0, 0.03, 98.0)])
+    busy = make_job(tmp_path, "busy", [(0.3, 97.0, 0.03, 98.0)], status=None, norm__name="gn")
+    lock = files.FolderLock(busy)
+    assert lock.acquire()
+    try:
+        report = collect([tmp_path])
+    finally:
+        lock.release()
+    assert table_column(report.markdown, "Status") == ["completed", "1 running"]
+    assert report.running_jobs == 1
+    assert table_column(collect([tmp_path]).markdown, "Status") == ["completed", "1 unfinished"]  # lock released
 
 
 def test_plots_are_written(tmp_path):

@@ -45,7 +45,8 @@ def test_threads_per_job_follows_the_launcher():
     assert threads_per_job(0, launcher(cpus_per_task=1)) == 1  # submitit: what the job asked for
     assert threads_per_job(0, launcher(cpus_per_task=cores + 7)) == cores  # never more than it was given
     assert threads_per_job(0, launcher(cpus_per_task=None)) == 0
-    assert threads_per_job(3, launcher(cpus_per_task=1)) == 3  # an explicit threads=N wins
+    assert threads_per_job(1, launcher(cpus_per_task=cores)) == 1  # an explicit threads=N wins
+    assert threads_per_job(cores + 5, launcher()) == cores  # but never more threads than cores
     assert threads_per_job(0, launcher(n_jobs=cores)) == 1  # joblib: the cores split between its jobs
 
 
