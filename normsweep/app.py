@@ -85,12 +85,13 @@ def with_schema(cfg: DictConfig) -> DictConfig:
     type raises ValueError naming it. Also types a config composed without the schema, such as a job's snapshot
     (`--config-path <job>/.hydra --config-name config`)."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        # from a plain container: a DictConfig that Hydra opened for a `+key` carries that key through a merge
+        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg))
     except ConfigKeyError as e:
         key = e.full_key or e.key
         known = [k for k in files.flatten(OmegaConf.to_container(OmegaConf.structured(Config)))]
         closest = difflib.get_close_matches(str(key), known, n=1)
-        hint = f"; did you mean {closest[0]}?" if closest else f"; valid keys: {', '.join(known)}"
+        hint = f"; did you mean {closest[0]}?" if closest else " (python run.py --help lists every key)"
         raise ValueError(f"unknown key {key}{hint}") from None
     except ValidationError as e:
         raise ValueError(" ".join(str(e).split("\n")[0].split())) from None
