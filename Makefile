@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_ROOT ?= data
 
-.PHONY: test sweep data
+.PHONY: test test-fast sweep data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# the edit-test loop: everything but the end-to-end sweeps in subprocesses (marked slow)
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 data: $(STAMP)
 	$(PY) -c "from normsweep.data import obtain_mnist; print(obtain_mnist('$(DATA_ROOT)'))"

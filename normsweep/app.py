@@ -22,8 +22,7 @@ from normsweep.data import DataError
 from normsweep.job import JobRun, prepare_job
 from normsweep.train import cores_given
 
-CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding this package and run.py
-RUN_PY = CHECKOUT / "run.py"
+RUN_PY = files.CHECKOUT / "run.py"
 log = logging.getLogger(__name__)
 
 
@@ -75,7 +74,7 @@ def let_job_processes_import_normsweep() -> None:
     """hydra/launcher=slurm and submitit_local run each job in a new Python process (started in this working
     directory, on SLURM maybe on another node) that unpickles main() and so imports normsweep: let it find this
     checkout even when the project is not installed (pip install -e .) and run.py was started from elsewhere."""
-    here, paths = str(CHECKOUT), os.environ.get("PYTHONPATH", "")
+    here, paths = str(files.CHECKOUT), os.environ.get("PYTHONPATH", "")
     if here not in paths.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, paths]))
 

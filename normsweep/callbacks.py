@@ -14,7 +14,6 @@ from omegaconf import DictConfig
 from normsweep import files
 
 log = logging.getLogger(__name__)
-CHECKOUT = Path(__file__).resolve().parents[1]  # the folder that holds this normsweep package
 
 
 class CollectAtEnd(Callback):
@@ -23,7 +22,7 @@ class CollectAtEnd(Callback):
         # already holds the normsweep modules of its start; importing collect.py now could mix those with a
         # newer checkout's files. The CLI prints the table and exits 0 (all completed), 1 (some not) or 2 (none).
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        exit_code = subprocess.call([sys.executable, "-m", "normsweep.collect", str(sweep_dir)], cwd=CHECKOUT)
+        exit_code = subprocess.call([sys.executable, "-m", "normsweep.collect", str(sweep_dir)], cwd=files.CHECKOUT)
         if exit_code == 0:
             log.info("results table: %s", sweep_dir / files.RESULTS_MD)
             return

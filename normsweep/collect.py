@@ -76,16 +76,6 @@ def find_job_dirs(dirs: list[Path]) -> list[Path]:
     return list(found)
 
 
-def _values_from_metrics(metrics: pd.DataFrame) -> dict[str, float]:
-    def column(name: str) -> pd.Series:
-        return pd.to_numeric(metrics[name], errors="coerce") if name in metrics else pd.Series(dtype=float)
-
-    test_acc = column("test_acc")
-    return {"best_train_acc": column("train_acc").max(), "best_test_acc": test_acc.max(),
-            "best_test_loss": column("test_loss").min(),
-            "final_test_acc": test_acc.iloc[-1] if len(test_acc) else np.nan}
-
-
 def _read_config(job_dir: Path) -> dict[str, object]:
     config = files.flatten(yaml.safe_load((job_dir / files.CONFIG).read_text()))
     if "norm.name" not in config or "reg.name" not in config:
@@ -109,17 +99,17 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
         except Exception:  # noqa: BLE001
             _warn(problems, f"{job_dir}: no readable config; job left out of the table")
             return None
-    metrics = pd.DataFrame()
+    metrics, records = pd.DataFrame(), []
     if (job_dir / files.METRICS).exists():
         try:
-            records = [json.loads(line) for line in (job_dir / files.METRICS).read_text().splitlines() if line.strip()]
+            records = files.read_jsonl(job_dir / files.METRICS)
             if not all(isinstance(r, dict) for r in records):
                 raise ValueError("a line is not a JSON object")
             metrics = pd.DataFrame(records)
         except Exception as error:  # noqa: BLE001
             _warn(problems, f"{job_dir / files.METRICS}: unreadable ({type(error).__name__}: {error})")
             bad.append(files.METRICS)
-            metrics = pd.DataFrame()
+            metrics, records = pd.DataFrame(), []
     if "epoch" not in metrics:
         metrics["epoch"] = range(1, len(metrics) + 1)
     summary = None
@@ -133,7 +123,8 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
             summary = None
             bad.append(files.SUMMARY)
     if summary is None:  # killed, still running, or unreadable summary: whatever the epochs say
-        values, epochs_done = _values_from_metrics(metrics), len(metrics)
+        values = {k: np.nan if v is None else float(v) for k, v in files.summarize(records).items()}
+        epochs_done = len(metrics)
         status = files.STATUS_RUNNING if files.is_locked(job_dir) else STATUS_UNFINISHED
     if bad:
         status = f"{STATUS_UNREADABLE}: {', '.join(bad)}"
@@ -267,7 +258,7 @@ def plot_batch_size(rows: pd.DataFrame, line_names: list[str], path: Path) -> No
 
 
 def plot_misclassified(job: Job, problems: list[str]) -> None:
-    """misclassified.png in the job folder: up to 10 test images the final model got wrong, 2 rows of 5."""
+    """misclassified.png in the job folder: the test images the final model got wrong, 2 rows of 5."""
     source = job.path / files.MISCLASSIFIED
     if not source.exists():
         return
@@ -275,12 +266,12 @@ def plot_misclassified(job: Job, problems: list[str]) -> None:
         data = json.loads(source.read_text())
         items = data["items"]
         class_names = data.get("class_names") or [str(i) for i in range(10)]
-        images = [np.asarray(item["image"], dtype=np.uint8) for item in items[:10]]  # each (28, 28)
+        images = [np.asarray(item["image"], dtype=np.uint8) for item in items[:files.MISCLASSIFIED_SHOWN]]  # each (28, 28)
     except (OSError, ValueError, TypeError, KeyError) as error:
         _warn(problems, f"{source}: unreadable ({error!r}); no {files.MISCLASSIFIED_PNG}")
         return
     fig = Figure(figsize=(10, 5.2), layout="constrained")
-    for ax, item, image in zip(fig.subplots(2, 5).ravel(), items, images):
+    for ax, item, image in zip(fig.subplots(2, -(-files.MISCLASSIFIED_SHOWN // 2)).ravel(), items, images):
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
         # two lines: one line overlaps the next panel's title for long class names ("Ankle boot")
         ax.set_title(f"actual {class_names[item['actual']]}\npredicted {class_names[item['predicted']]}", fontsize=9)

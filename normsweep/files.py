@@ -10,12 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding this package and run.py
+
 CONFIG = "config.yaml"  # fully resolved config the job ran with
 METRICS = "metrics.jsonl"  # one JSON object per finished epoch
 SUMMARY = "summary.json"  # written last: its presence means the job ended
 CHECKPOINT = "checkpoint.pt"  # state after the last finished epoch, for resume
 MISCLASSIFIED = "misclassified.json"  # test images the final model got wrong (pixels, labels)
 MISCLASSIFIED_PNG = "misclassified.png"
+MISCLASSIFIED_SHOWN = 10  # test images in a job's misclassified grid (2 rows of 5)
 TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: <job>/tensorboard/<run label>, seed <n>/ holds the event files
 RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"
@@ -41,6 +44,24 @@ REG_SUFFIXES = {"none": "", "l1": " with L1", "l2": " with L2", "l1l2": " with L
 def run_label(norm: str, reg: str) -> str:
     """'BatchNorm with L1' for ('bn', 'l1'): the table's row label, as the reference writes it."""
     return NORM_NAMES.get(norm, str(norm)) + REG_SUFFIXES.get(reg, f" with {reg}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """One dict per non-empty line ([] when the file is absent); ValueError on a line that is not JSON."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(history: list[dict]) -> dict[str, float | None]:
+    """The four numbers a job is judged by, from its per-epoch rows (None where no epoch has the value)."""
+    def values(key: str) -> list[float]:
+        return [row[key] for row in history if isinstance(row.get(key), (int, float))]
+
+    train_acc, test_acc, test_loss = values("train_acc"), values("test_acc"), values("test_loss")
+    return {"best_train_acc": max(train_acc, default=None), "best_test_acc": max(test_acc, default=None),
+            "best_test_loss": min(test_loss, default=None), "final_test_acc": test_acc[-1] if test_acc else None}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:

@@ -26,19 +26,10 @@ from normsweep.train import CheckpointError, Diverged, resolve_device, training
 log = logging.getLogger(__name__)
 
 RESULT_FILES = (files.SUMMARY, files.METRICS, files.CHECKPOINT, files.MISCLASSIFIED, files.MISCLASSIFIED_PNG)
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def git_state() -> dict:
     """Commit and dirty flag of the code that ran, or nulls when it does not run from a git checkout."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True, check=True,
+        return subprocess.run(["git", *args], cwd=files.CHECKOUT, capture_output=True, text=True, check=True,
                               timeout=10).stdout.strip()
     try:
         return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "-uno"))}
@@ -68,13 +59,6 @@ def _read_previous(path: Path, parse: Callable[[str], object]) -> dict | None:
         log.warning("%s is unreadable (%s): ignoring it", path, e)
         return None
     return content if isinstance(content, dict) else None
-
-
-def summarize(history: list[dict]) -> dict:
-    if not history:
-        return {"best_train_acc": None, "best_test_acc": None, "best_test_loss": None, "final_test_acc": None}
-    return {"best_train_acc": max(r["train_acc"] for r in history), "best_test_acc": max(r["test_acc"] for r in history),
-            "best_test_loss": min(r["test_loss"] for r in history), "final_test_acc": history[-1]["test_acc"]}
 
 
 def run_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None) -> str:
@@ -181,11 +165,11 @@ class JobRun:
         except Exception as e:  # noqa: BLE001 - any failure (out of GPU memory included) is recorded, the sweep goes on
             status, error = files.STATUS_FAILED, f"{type(e).__name__}: {e}"
             log.exception("%s failed", self.job_dir.name)
-        history = read_jsonl(self.job_dir / files.METRICS)
+        history = files.read_jsonl(self.job_dir / files.METRICS)
         summary = {
             "status": status,
             "error": error,
-            **summarize(history),
+            **files.summarize(history),
             "epochs_done": len(history),
             "params": count_params(Net(self.cfg.norm.name, self.cfg.norm.groups, self.cfg.dropout)),
             "seconds": sum(r["train_seconds"] + r["test_seconds"] for r in history),

@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1000  # test images per forward pass; no gradients, so large batches are cheap
 DIVERGENCE_CHECK_STEPS = 50  # look for a non-finite loss this often (each look is a host sync on GPU)
-MISCLASSIFIED_SHOWN = 10
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters, from glibc's malloc.h
 
 
@@ -283,7 +282,7 @@ def open_tensorboard(cfg: Config, job_dir: Path, first_epoch: int):
 def write_misclassified(job_dir: Path, data: DeviceData, pred: torch.Tensor) -> None:
     """What the collector needs to draw the misclassified grid, so that it never imports torch."""
     labels = data.test_labels.cpu()
-    wrong = (pred != labels).nonzero().flatten()[:MISCLASSIFIED_SHOWN].tolist()
+    wrong = (pred != labels).nonzero().flatten()[:files.MISCLASSIFIED_SHOWN].tolist()
     images = ((data.test_inputs[wrong].cpu() * data.std + data.mean) * 255).round().clamp(0, 255).to(torch.uint8)
     items = [{"index": i, "actual": int(labels[i]), "predicted": int(pred[i]), "image": images[k, 0].tolist()}
              for k, i in enumerate(wrong)]

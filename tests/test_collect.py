@@ -11,12 +11,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import PNG_MAGIC, REPO
 from normsweep import files
 from normsweep.collect import collect, main, plot_curves, read_job
 from normsweep.files import run_label
 
-REPO = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BASE_CONFIG = {
     "norm": {"name": "bn", "groups": 4}, "reg": {"name": "none", "l1": 0.0, "l2": 0.0},
     "batch_size": 64, "epochs": 2, "seed": 1, "dropout": 0.0,

@@ -69,6 +69,7 @@ def run_cli(tmp_path, *args):
     (["norm=gn", "norm.groups=3", "data=fake"], "norm.groups=3 must divide"),
     (["norm=xyz", "data=fake"], "Could not find 'norm/xyz'"),
 ])
+@pytest.mark.slow
 def test_cli_bad_input_exits_nonzero_with_one_line_and_no_result_folder(tmp_path, args, expected):
     proc = run_cli(tmp_path, *args)
     assert proc.returncode != 0
@@ -77,6 +78,7 @@ def test_cli_bad_input_exits_nonzero_with_one_line_and_no_result_folder(tmp_path
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_cli_corrupt_data_root_fails_before_training(tmp_path):
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)

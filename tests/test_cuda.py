@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from normsweep import files
+from conftest import REPO, drain
 from normsweep.config import Config, DataConfig, NormConfig, RegConfig
 from normsweep.data import load_data
 from normsweep.model import build_model
@@ -20,16 +21,7 @@ from normsweep.step import DeviceStep, JobContext, make_optimizer, momentum_buff
 from normsweep.train import DeviceData, fit, split_batches, training
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.device("cuda")
-
-
-def drain(steps):
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 @pytest.mark.parametrize("norm, l1, l2, train_limit", [("bn", 0.0, 0.0, 200), ("gn", 0.001, 0.0, 129),

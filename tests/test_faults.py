@@ -9,50 +9,29 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO, jobs_in, metrics, run, run_py
 from normsweep import files
 
-REPO = Path(__file__).resolve().parents[1]
-FAST = ("data=fake", "data.test_limit=100", "device=cpu", "threads=1")
-
-
-def command(*overrides: str, multirun: bool = True) -> list[str]:
-    return [sys.executable, str(REPO / "run.py"), *(["-m"] if multirun else []), *FAST, *overrides]  # later wins
-
-
-def run(*overrides: str, cwd: Path, multirun: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(command(*overrides, multirun=multirun), cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def jobs_in(sweep: Path) -> list[Path]:
-    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def metrics(job: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (job / files.METRICS).read_text().splitlines()]
-    return [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in rows]
-
+pytestmark = pytest.mark.slow  # every test here runs run.py in subprocesses
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
-@pytest.mark.slow
 def test_two_sweeps_into_one_folder_train_each_job_once(tmp_path):
     grid = ("norm=bn,gn,ln", "reg=none", "epochs=2", "data.train_limit=1500")
     alone = tmp_path / "alone"
     assert run(*grid, f"hydra.sweep.dir={alone}", cwd=tmp_path).returncode == 0
 
     shared = tmp_path / "shared"
-    first = subprocess.Popen(command(*grid, f"hydra.sweep.dir={shared}"), cwd=tmp_path, stdout=subprocess.PIPE,
+    first = subprocess.Popen(run_py(*grid, f"hydra.sweep.dir={shared}"), cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     time.sleep(2)
-    second = subprocess.run(command(*grid, f"hydra.sweep.dir={shared}"), cwd=tmp_path, capture_output=True,
+    second = subprocess.run(run_py(*grid, f"hydra.sweep.dir={shared}"), cwd=tmp_path, capture_output=True,
                             text=True, timeout=240)
     first_out, first_err = first.communicate(timeout=240)
     assert {first.returncode, second.returncode} <= {0, 1}, first_err + second.stderr
@@ -66,11 +45,10 @@ def test_two_sweeps_into_one_folder_train_each_job_once(tmp_path):
         assert metrics(job_alone) == metrics(job_shared)
 
 
-@pytest.mark.slow
 def test_rerun_cleans_what_a_kill_left_and_matches_an_uninterrupted_run(tmp_path):
     sweep = tmp_path / "sweep"
     grid = ("norm=bn,gn", "reg=none", "epochs=2", "data.train_limit=400", f"hydra.sweep.dir={sweep}")
-    proc = subprocess.Popen(command(*grid), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(run_py(*grid), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 120
     while not list(sweep.glob("*/" + files.CHECKPOINT)) and time.time() < deadline:
@@ -130,7 +108,6 @@ def test_threads_beyond_the_cores_are_capped(tmp_path):
     assert summary["threads"] == len(os.sched_getaffinity(0))
 
 
-@pytest.mark.slow
 def test_damaged_job_files_are_one_line_each(tmp_path):
     run_dir = tmp_path / "run"
     base = ("epochs=2", "data.train_limit=128", f"hydra.run.dir={run_dir}")
@@ -158,7 +135,6 @@ def test_damaged_job_files_are_one_line_each(tmp_path):
         f"error: {run_dir / files.METRICS} is a folder where normsweep writes a file: move it away and rerun"]
 
 
-@pytest.mark.slow
 def test_a_job_folder_reproduces_itself_both_ways(tmp_path):
     sweep = tmp_path / "sweep"
     assert run("norm=gn", "reg=l2", "epochs=2", "data.train_limit=256", f"hydra.sweep.dir={sweep}",

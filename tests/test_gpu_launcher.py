@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, metrics
 from normsweep import files
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test here runs run.py in subprocesses
+
 FAST = ("data=fake", "data.train_limit=200", "data.test_limit=100", "device=cpu", "threads=1")
 # one preset per job, so that a sweep over them has jobs that differ in norm, batch size, epochs, and one diverges
 PRESETS = {
@@ -44,16 +46,10 @@ def jobs_of(sweep_dir: Path) -> dict[str, Path]:
     return found
 
 
-def metrics_without_timings(job: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (job / files.METRICS).read_text().splitlines()]
-    return [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in rows]
-
-
 def summary(job: Path) -> dict:
     return json.loads((job / files.SUMMARY).read_text())
 
 
-@pytest.mark.slow
 def test_gpu_launcher_trains_jobs_side_by_side_as_the_basic_launcher_would(tmp_path):
     write_presets(tmp_path / "conf")
     side_by_side, basic = tmp_path / "side_by_side", tmp_path / "basic"
@@ -65,7 +61,7 @@ def test_gpu_launcher_trains_jobs_side_by_side_as_the_basic_launcher_would(tmp_p
     assert set(jobs) == set(PRESETS)
     statuses = {name: summary(job)["status"] for name, job in jobs.items()}
     assert statuses == {"job_a": "completed", "job_b": "completed", "job_c": "diverged", "job_d": "completed"}
-    assert [len(metrics_without_timings(jobs[name])) for name in ("job_a", "job_b", "job_d")] == [2, 1, 1]
+    assert [len(metrics(jobs[name])) for name in ("job_a", "job_b", "job_d")] == [2, 1, 1]
     for name, job in jobs.items():
         assert (job / ".hydra" / "config.yaml").exists() and (job / files.CONFIG).exists()
         assert f"experiment={name}" in summary(job)["command"]  # the command that reruns this one job
@@ -78,7 +74,7 @@ def test_gpu_launcher_trains_jobs_side_by_side_as_the_basic_launcher_would(tmp_p
     proc = sweep(basic, tmp_path / "conf", "experiment=job_a,job_b,job_d")
     assert proc.returncode == 0, proc.stderr
     for name, job in jobs_of(basic).items():
-        assert metrics_without_timings(job) == metrics_without_timings(jobs[name])
+        assert metrics(job) == metrics(jobs[name])
 
     # a rerun skips the completed jobs and runs the diverged one again
     before = {name: (job / files.SUMMARY).stat().st_mtime_ns for name, job in jobs.items()}

@@ -1,11 +1,13 @@
 """`python run.py --help`: the app's own help, with its groups and choices, options and defaults, and examples."""
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+from conftest import REPO
 
 
+@pytest.mark.slow
 def test_help_lists_groups_options_and_examples(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)

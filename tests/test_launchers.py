@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
+import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import REPO, snapshot
 from normsweep import files
 from normsweep.app import threads_per_job
 from normsweep.config import register_configs
 from normsweep.train import cores_given
 
-REPO = Path(__file__).resolve().parents[1]
 JOBS = [f"{norm}-none-bs64-s1-data.test_limit=100-data.train_limit=256-data=fake-epochs=1" for norm in ("bn", "gn")]
 SKIPPED = "already completed with the same config"
 register_configs()
@@ -50,11 +50,7 @@ def test_threads_per_job_follows_the_launcher():
     assert threads_per_job(0, launcher(n_jobs=cores)) == 1  # joblib: the cores split between its jobs
 
 
-def snapshot(job: Path) -> dict[str, tuple[bytes, int]]:
-    return {name: ((job / name).read_bytes(), (job / name).stat().st_mtime_ns)
-            for name in (files.METRICS, files.CHECKPOINT, files.SUMMARY, files.CONFIG)}
-
-
+@pytest.mark.slow
 def test_submitit_local_sweep_completes_and_resumes(tmp_path):
     sweep = tmp_path / "sweep"
     # No threads=N: the job's cpus_per_task decides. A relative data.root, and a working directory that is neither

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
-import json
 import platform
 import shutil
 import subprocess
@@ -14,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import FAST, PNG_MAGIC, REPO, read_json, snapshot, without_timings
 from normsweep import files
+from normsweep.files import read_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Tiny and deterministic: on the CPU with one thread, the same config gives the same numbers to the last bit.
-FAST = ("data=fake", "data.test_limit=100", "device=cpu", "threads=1")
+pytestmark = pytest.mark.slow  # every test here runs run.py in subprocesses
+
 GRID = ("norm=bn,gn", "reg=none,l2", "seed=1", "epochs=1")
 # Folder names: the choices, then the other overrides as Hydra sorts them (device and threads are left out).
 GRID_JOBS = {f"{norm}-{reg}-bs64-s1-data.test_limit=100-data.train_limit=256-data=fake-epochs=1": (norm, reg)
@@ -29,7 +28,6 @@ LABELS = {("bn", "none"): "BatchNorm", ("bn", "l2"): "BatchNorm with L2",
 COLUMNS = ["Regularization", "Best Train Accuracy", "Best Test Accuracy", "Best Test Loss", "Batch Size", "L1 Factor",
            "L2 Factor", "Final Test Accuracy", "Seeds", "Epochs", "Status"]
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "test_seconds"}
-TIMING_KEYS = ("train_seconds", "test_seconds")
 SKIPPED = "already completed with the same config"
 
 
@@ -48,30 +46,12 @@ def run_single(run_dir: Path, *overrides: str, cwd: Path, train_limit: int = 256
                            f"hydra.run.dir={run_dir}"], cwd=cwd, capture_output=True, text=True, timeout=180)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
 def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """results.md -> its header and one {column: cell} per row."""
     lines = path.read_text().splitlines()
     split = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]  # noqa: E731
     header = split(lines[0])
     return header, [dict(zip(header, split(line))) for line in lines[2:]]
-
-
-def without_timings(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
-
-
-def snapshot(job: Path) -> dict[str, tuple[bytes, int]]:
-    """Content and modification time of a job's results: equal snapshots mean nothing was rewritten."""
-    return {name: ((job / name).read_bytes(), (job / name).stat().st_mtime_ns)
-            for name in (files.METRICS, files.CHECKPOINT, files.SUMMARY, files.CONFIG)}
 
 
 def log_of(job: Path) -> str:

@@ -11,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from normsweep import files, train
 from normsweep.config import Config, DataConfig, RegConfig, validate
-from normsweep.job import read_jsonl, run_job
+from normsweep.files import read_jsonl
+from normsweep.job import run_job
 
 RUN_NAME = "BatchNorm with L1, seed 3"  # the table's row label, and the seed
 

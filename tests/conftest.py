@@ -1,0 +1,59 @@
+"""Helpers shared by the tests (imported as `from conftest import ...`): the repository, the fast settings every
+end-to-end run uses, and readers of what a run leaves on disk."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from normsweep import files
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Tiny and deterministic: on the CPU with one thread, the same config gives the same numbers to the last bit.
+FAST = ("data=fake", "data.test_limit=100", "device=cpu", "threads=1")
+TIMING_KEYS = ("train_seconds", "test_seconds")
+
+
+def run_py(*overrides: str, multirun: bool = True) -> list[str]:
+    """`python run.py [-m] <FAST> <overrides>`: overrides come last, so they win over FAST."""
+    return [sys.executable, str(REPO / "run.py"), *(["-m"] if multirun else []), *FAST, *overrides]
+
+
+def run(*overrides: str, cwd: Path, multirun: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(run_py(*overrides, multirun=multirun), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def drain(steps: Iterator) -> object:
+    """Runs a generator to its end; -> its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def metrics(job: Path) -> list[dict]:
+    """A job's per-epoch rows without the wall-clock columns: what must match between equal runs."""
+    return without_timings(files.read_jsonl(job / files.METRICS))
+
+
+def jobs_in(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def snapshot(job: Path) -> dict[str, tuple[bytes, int]]:
+    """Content and modification time of a job's results: equal snapshots mean nothing was rewritten."""
+    return {name: ((job / name).read_bytes(), (job / name).stat().st_mtime_ns)
+            for name in (files.METRICS, files.CHECKPOINT, files.SUMMARY, files.CONFIG)}
