@@ -113,7 +113,7 @@ def normsweep_images_per_s(data_root: Path, images: int, batch_size: int, precis
     cfg = Config(batch_size=batch_size, epochs=1, precision=precision)
     data = DeviceData.from_dataset(load_data("mnist", data_root, train_limit=images, test_limit=1000), device)
     with JobContext(device):
-        model = build_model("bn", 4, cfg.dropout, device, torch.get_num_threads())
+        model = build_model(cfg.norm, cfg.dropout, device, torch.get_num_threads())
         optimizer = make_optimizer(model.parameters(), cfg)
         steps = len(split_batches(torch.arange(len(data.train_labels)), batch_size))
         scheduler = make_scheduler(optimizer, cfg, steps)

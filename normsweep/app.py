@@ -105,7 +105,7 @@ def prepare(cfg: DictConfig) -> JobRun | str:
         cfg = with_schema(cfg)
         cfg.data.root = hydra.utils.to_absolute_path(cfg.data.root)  # Hydra may run jobs from other folders
         cfg.threads = threads_per_job(cfg.threads, hydra_cfg.launcher)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # as config.yaml will hold it
         return prepare_job(OmegaConf.to_object(cfg), resolved, job_dir, job_command(hydra_cfg))
     except (ValueError, DataError) as e:
         remove_if_empty_result(job_dir, hydra_cfg.mode)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 # The reference stacks RandomRotation(±6°) and RandomAffine(±7°, shear ±7°, translate 10 %, scale 0.8-1.2),
 # then ColorJitter(brightness 0.4, contrast 0.4, saturation 0.4, hue 0.1). What differs here, on purpose:
-# - one rotation of ±7° instead of ±6° followed by ±7° (the spec; the stack spreads up to ±13°);
+# - one rotation of ±7° instead of ±6° followed by ±7° (one affine per image; the stack spreads up to ±13°);
 # - bilinear instead of nearest-neighbour sampling (smoother digits, no aliasing);
 # - saturation and hue are no-ops on grayscale images, so only brightness and contrast are drawn,
 #   always brightness first (torchvision shuffles the order per image).

@@ -19,7 +19,6 @@ import yaml
 from normsweep import files
 from normsweep.config import Config, validate
 from normsweep.data import Dataset, load_data
-from normsweep.model import Net, count_params
 from normsweep.step import JobContext
 from normsweep.train import CheckpointError, Diverged, resolve_device, training
 
@@ -171,7 +170,7 @@ class JobRun:
             "error": error,
             **files.summarize(history),
             "epochs_done": len(history),
-            "params": count_params(Net(self.cfg.norm.name, self.cfg.norm.groups, self.cfg.dropout)),
+            "params": extra.get("params"),
             "seconds": sum(r["train_seconds"] + r["test_seconds"] for r in history),
             "wall_seconds_this_invocation": time.time() - started,
             "device": str(self.device),

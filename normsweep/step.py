@@ -20,7 +20,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoc
 
 
 def make_optimizer(params, cfg: Config) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.reg.l2)
+    # lr: OneCycleLR sets every step's rate from optim.max_lr, starting before the first step
+    return torch.optim.SGD(params, lr=cfg.optim.max_lr, momentum=cfg.optim.momentum, weight_decay=cfg.reg.l2)
 
 
 def schedule_table(cfg: Config, steps_per_epoch: int) -> tuple[list[float], list[float]]:

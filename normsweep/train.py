@@ -81,9 +81,8 @@ def keep_freed_memory() -> None:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
 
     Why: a step allocates and frees activations of a few MB each; glibc serves blocks that size with mmap and
-    returns them with munmap (or trims the heap), so every step page-faults and zero-fills them anew. Keeping
-    them made a CPU training step ~1.3x faster on one thread (2-core Xeon). The process then holds on to its
-    peak memory, which for this model is tens of MB. Nothing happens without glibc (macOS, Windows, musl's stub).
+    returns them with munmap (or trims the heap), so every step page-faults and zero-fills them anew (README,
+    Speed). The process then holds on to its peak memory, which for this model is tens of MB. Nothing happens without glibc (macOS, Windows, musl's stub).
     """
     if not sys.platform.startswith("linux"):
         return
@@ -179,69 +178,100 @@ def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> d
             return done.value
 
 
-def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> Generator[None, None, dict]:
-    """Train (or resume) the job in job_dir, yielding after every training step so that several jobs can take turns
-    in one process (launcher.py). Writes metrics.jsonl and the checkpoint after every epoch and misclassified.json
-    at the end; returns facts for the summary. Raises on failure (Diverged included)."""
+@dataclass
+class Run:
+    """What one job trains with, built once per process and job."""
+
+    data: DeviceData
+    model: Net
+    optimizer: torch.optim.SGD
+    scheduler: torch.optim.lr_scheduler.OneCycleLR
+    steps_per_epoch: int
+
+
+def set_up_process(cfg: Config) -> None:
     torch.set_num_threads(cfg.threads or cores_given())
     keep_freed_memory()
     torch.manual_seed(cfg.seed)
+
+
+def build_run(cfg: Config, dataset: Dataset, device: torch.device) -> Run:
     data = DeviceData.from_dataset(dataset, device)
-    model = build_model(cfg.norm.name, cfg.norm.groups, cfg.dropout, device, torch.get_num_threads())
+    model = build_model(cfg.norm, cfg.dropout, device, torch.get_num_threads())
     log.info("model: %s norm, %d parameters; device %s, %d threads; %d train / %d test images", cfg.norm.name,
              count_params(model), device, torch.get_num_threads(), len(data.train_labels), len(data.test_labels))
     optimizer = make_optimizer(model.parameters(), cfg)
     steps_per_epoch = len(split_batches(torch.arange(len(data.train_labels)), cfg.batch_size))
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    return Run(data, model, optimizer, make_scheduler(optimizer, cfg, steps_per_epoch), steps_per_epoch)
+
+
+def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> Generator[None, None, dict]:
+    """Train (or resume) the job in job_dir, yielding after every training step so that several jobs can take turns
+    in one process (launcher.py). Writes metrics.jsonl and the checkpoint after every epoch and misclassified.json
+    at the end; returns facts for the summary. Raises on failure (Diverged included)."""
+    set_up_process(cfg)
+    run = build_run(cfg, dataset, device)
     checkpoint = job_dir / files.CHECKPOINT
-    history = resume(checkpoint, model, optimizer, scheduler, device)
+    history = resume(checkpoint, run.model, run.optimizer, run.scheduler, device)
     if history:
         files.write_jsonl(job_dir / files.METRICS, history)  # drop any epoch logged after the checkpoint
         log.info("resuming from the checkpoint after epoch %d of %d", len(history), cfg.epochs)
     graphed = None
     if cfg.cuda_graphs and device.type == "cuda":
-        graphed = DeviceStep(model, optimizer, data, cfg, steps_per_epoch, steps_done=len(history) * steps_per_epoch,
-                             capture=True)
+        graphed = DeviceStep(run.model, run.optimizer, run.data, cfg, run.steps_per_epoch,
+                             steps_done=len(history) * run.steps_per_epoch, capture=True)
         log.info("training step captured as %d CUDA graph(s)", len(graphed.graphs))
 
-    show_bar = sys.stderr.isatty()
     board = open_tensorboard(cfg, job_dir, first_epoch=len(history) + 1)  # None unless logger=tensorboard
     pred = None  # the last epoch's test predictions, for the misclassified grid
     try:
         for epoch in range(len(history) + 1, cfg.epochs + 1):
-            progress = None
-            if show_bar:
-                progress = lambda it: tqdm(it, desc=f"epoch {epoch}", leave=False, file=sys.stderr)  # noqa: E731
-            started = time.perf_counter()
-            if graphed is None:
-                metrics = yield from train_one_epoch(model, optimizer, scheduler, data, cfg, progress)
-            else:
-                metrics = check_finite((yield from graphed.epoch(progress)))
-                advance_scheduler(scheduler, steps_per_epoch)
-            row = {"epoch": epoch, **metrics, "lr": scheduler.get_last_lr()[0]}
-            row["train_seconds"] = time.perf_counter() - started
-            started = time.perf_counter()
-            row["test_loss"], row["test_acc"], pred = evaluate(model, data.test_inputs, data.test_labels)
-            row["test_seconds"] = time.perf_counter() - started
+            row, pred = yield from train_and_test(run, cfg, graphed, epoch)
             history.append(row)
-            log.info("epoch %d/%d train_loss %.4f train_acc %.2f test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
-                     epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"], row["lr"],
-                     row["train_seconds"], row["test_seconds"])
-            files.write_jsonl(job_dir / files.METRICS, history)
-            if board is not None:
-                for key, value in row.items():
-                    if key != "epoch":
-                        board.add_scalar(key, value, epoch)
-                board.flush()  # on disk with the epoch's metrics line, not minutes later
-            save_checkpoint(checkpoint, model, optimizer, scheduler, history)
+            record_epoch(job_dir, run, history, board)
     finally:
         if board is not None:
             board.close()
 
     if pred is None:  # resumed after its last epoch, killed before the summary
-        _, _, pred = evaluate(model, data.test_inputs, data.test_labels)
-    write_misclassified(job_dir, data, pred.cpu())
-    return {"threads": torch.get_num_threads()}
+        _, _, pred = evaluate(run.model, run.data.test_inputs, run.data.test_labels)
+    write_misclassified(job_dir, run.data, pred.cpu())
+    return {"threads": torch.get_num_threads(), "params": count_params(run.model)}
+
+
+def train_and_test(run: Run, cfg: Config, graphed: Optional[DeviceStep],
+                   epoch: int) -> Generator[None, None, tuple[dict, torch.Tensor]]:
+    """One epoch, eager or replayed as CUDA graphs, then the test set; -> its metrics row and test predictions."""
+    progress = None
+    if sys.stderr.isatty():  # a bar for eyes only; the log line below is the record
+        progress = lambda it: tqdm(it, desc=f"epoch {epoch}", leave=False, file=sys.stderr)  # noqa: E731
+    started = time.perf_counter()
+    if graphed is None:
+        metrics = yield from train_one_epoch(run.model, run.optimizer, run.scheduler, run.data, cfg, progress)
+    else:
+        metrics = check_finite((yield from graphed.epoch(progress)))
+        advance_scheduler(run.scheduler, run.steps_per_epoch)
+    row = {"epoch": epoch, **metrics, "lr": run.scheduler.get_last_lr()[0]}
+    row["train_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    row["test_loss"], row["test_acc"], pred = evaluate(run.model, run.data.test_inputs, run.data.test_labels)
+    row["test_seconds"] = time.perf_counter() - started
+    log.info("epoch %d/%d train_loss %.4f train_acc %.2f test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
+             epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"], row["lr"],
+             row["train_seconds"], row["test_seconds"])
+    return row, pred
+
+
+def record_epoch(job_dir: Path, run: Run, history: list[dict], board) -> None:
+    """The epoch on disk: its metrics line, TensorBoard scalars, then the checkpoint that makes it resumable."""
+    files.write_jsonl(job_dir / files.METRICS, history)
+    if board is not None:
+        row = history[-1]
+        for key, value in row.items():
+            if key != "epoch":
+                board.add_scalar(key, value, row["epoch"])
+        board.flush()  # on disk with the epoch's metrics line, not minutes later
+    save_checkpoint(job_dir / files.CHECKPOINT, run.model, run.optimizer, run.scheduler, history)
 
 
 def resume(checkpoint: Path, model: Net, optimizer, scheduler, device: torch.device) -> list[dict]:

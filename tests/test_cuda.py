@@ -38,7 +38,7 @@ def test_graph_replays_train_what_the_eager_device_step_trains(norm, l1, l2, tra
         context = JobContext(CUDA)
         with context:
             torch.manual_seed(3)
-            model = build_model(norm, 4, cfg.dropout, CUDA, 1)
+            model = build_model(cfg.norm, cfg.dropout, CUDA, 1)
             optimizer = make_optimizer(model.parameters(), cfg)
             step = DeviceStep(model, optimizer, data, cfg, steps_per_epoch, steps_done=0, capture=capture)
             assert len(step.graphs) == (len(step.sizes_once()) if capture else 0)

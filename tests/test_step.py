@@ -66,7 +66,7 @@ def _setup(norm: str, batch_size: int, l1: float, l2: float, train_limit: int):
                  data=DataConfig(name="fake", train_limit=train_limit))
     data = DeviceData.from_dataset(load_data("fake", ".", train_limit=train_limit, test_limit=50), torch.device("cpu"))
     torch.manual_seed(3)
-    model = Net(norm, 4, cfg.dropout)
+    model = Net(cfg.norm, cfg.dropout)
     steps_per_epoch = len(split_batches(torch.arange(train_limit), batch_size))
     optimizer = make_optimizer(model.parameters(), cfg)
     return cfg, data, model, optimizer, make_scheduler(optimizer, cfg, steps_per_epoch), steps_per_epoch

@@ -3,11 +3,13 @@ TensorBoard reads it; exact after a resume; a missing package is one clear line 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from normsweep import files, train
 from normsweep.config import Config, DataConfig, RegConfig, validate
@@ -24,7 +26,7 @@ def config(**overrides) -> Config:
 
 
 def run(job_dir: Path, cfg: Config) -> str:
-    return run_job(cfg, asdict(cfg), job_dir)
+    return run_job(cfg, OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), job_dir)
 
 
 def read_board(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -69,8 +71,8 @@ def test_resumed_job_shows_each_epoch_once(tmp_path, monkeypatch):
 
 def test_off_by_default_and_bad_values_fail(tmp_path):
     assert Config().logger == "none"
-    with pytest.raises(ValueError, match="logger='wandb' is not one of none, tensorboard"):
-        validate(config(logger="wandb"))
+    with pytest.raises(ValidationError, match=r"Invalid value 'wandb', expected one of \[none, tensorboard\]"):
+        OmegaConf.merge(OmegaConf.structured(Config), {"logger": "wandb"})
 
 
 def test_missing_package_fails_before_any_file_is_written(tmp_path, monkeypatch):

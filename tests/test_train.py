@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from normsweep.augment import augment, random_affine
-from normsweep.config import Config, DataConfig, RegConfig
+from normsweep.config import Config, DataConfig, NormConfig, RegConfig
 from normsweep.data import load_data
-from normsweep.files import METRICS
-from normsweep.files import read_jsonl
+from normsweep.files import METRICS, read_jsonl
 from normsweep.model import Net
 from normsweep.train import add_l1_grad, fit, split_batches
 
@@ -43,7 +42,7 @@ def test_loss_floor_every_epoch(tmp_path, plain_run, reg):
 
 def test_l1_gradient_equals_the_penalty_in_the_loss():
     torch.manual_seed(0)
-    model = Net("gn", 4, 0.0)
+    model = Net(NormConfig(name="gn"), 0.0)
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     params = list(model.parameters())
     loss = F.nll_loss(model(x), y) + 0.01 * sum(p.abs().sum() for p in params)
