@@ -6,7 +6,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
@@ -17,12 +17,17 @@ log = logging.getLogger(__name__)
 
 
 class CollectAtEnd(Callback):
+    def __init__(self, baseline: Optional[str] = None) -> None:
+        self.baseline = baseline  # the differences table's baseline row; None: the first row
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         # The collector runs in a fresh process, not imported here: a sweep can run for hours, and this process
         # already holds the normsweep modules of its start; importing collect.py now could mix those with a
         # newer checkout's files. The CLI prints the table and exits 0 (all completed), 1 (some not) or 2 (none).
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        exit_code = subprocess.call([sys.executable, "-m", "normsweep.collect", str(sweep_dir)], cwd=files.CHECKOUT)
+        baseline = [] if self.baseline is None else ["--baseline", self.baseline]
+        exit_code = subprocess.call([sys.executable, "-m", "normsweep.collect", str(sweep_dir), *baseline],
+                                    cwd=files.CHECKOUT)
         if exit_code == 0:
             log.info("results table: %s", sweep_dir / files.RESULTS_MD)
             return

@@ -19,7 +19,7 @@ import yaml
 from matplotlib.figure import Figure  # no pyplot: no global figure registry, no backend to pick, headless
 from matplotlib.ticker import MaxNLocator
 
-from normsweep import files
+from normsweep import files, stats
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ def _row(key: tuple, keys: list[str], jobs: list[Job]) -> dict:
         row[f"{name}_mean"] = values.mean()
         # Seeds without this value (killed before an epoch) are left out; one seed has std 0, shown as ± 0.00.
         row[f"{name}_std"] = values.std(ddof=1) if values.count() > 1 else 0.0
+        row[f"{name}_n"] = int(values.count())  # the seeds that have this value
     row["epochs_min"], row["epochs_max"] = min(j.epochs_done for j in jobs), max(j.epochs_done for j in jobs)
     row["status"] = _status_text([job.status for job in jobs])
     return row
@@ -281,10 +282,12 @@ def plot_misclassified(job: Job, problems: list[str]) -> None:
     _save(fig, job.path / files.MISCLASSIFIED_PNG)
 
 
-def collect(dirs: list[Path]) -> Report:
-    """Read every run folder under dirs; write results.md, results.csv and the plots into dirs[0].
+def collect(dirs: list[Path], baseline: str | None = None) -> Report:
+    """Read every run folder under dirs; write results.md, results.csv and the plots into dirs[0]. The differences
+    in results.md are against the row named `baseline` (default: the first row).
 
-    Raises NoRunsError (and writes nothing) when no run folder with a readable config is found."""
+    Raises NoRunsError or stats.BaselineError (and writes nothing) when there is no run folder with a readable
+    config, or no row of that name."""
     dirs, problems = [Path(d) for d in dirs], []
     job_dirs = find_job_dirs(dirs)
     jobs = [job for job in (read_job(d, problems) for d in job_dirs) if job is not None]
@@ -293,12 +296,12 @@ def collect(dirs: list[Path]) -> Report:
     lock = files.FolderLock(dirs[0], files.COLLECT_LOCK)
     lock.acquire(wait=True)  # one collector at a time writes into the folder (two sweeps may end together)
     try:
-        return _write(dirs[0], job_dirs, jobs, problems)
+        return _write(dirs[0], job_dirs, jobs, problems, baseline)
     finally:
         lock.release()
 
 
-def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[str]) -> Report:
+def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[str], baseline: str | None) -> Report:
     all_keys = dict.fromkeys(k for job in jobs for k in job.config)  # config order, first seen first
     extra_keys = [k for k in all_keys if k not in ROW_KEYS and k not in NON_EXPERIMENT_KEYS
                   and len({job.config.get(k) for job in jobs}) > 1]
@@ -307,13 +310,9 @@ def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[
     for job in jobs:
         groups.setdefault(tuple(job.config.get(k) for k in keys), []).append(job)
     ordered = sorted(groups.items(), key=lambda item: _sort_key(item[0]))
-    rows = pd.DataFrame([_row(key, keys, group) for key, group in ordered])
-    markdown = _markdown(rows, extra_keys)
-    files.remove_stale_temp_files(out_dir)
-    # results.md goes first and comes back last: whenever it exists, results.csv beside it is its data
-    (out_dir / files.RESULTS_MD).unlink(missing_ok=True)
-    files.write_atomic(out_dir / files.RESULTS_CSV, rows.to_csv(index=False))
-    files.write_atomic(out_dir / files.RESULTS_MD, markdown)
+    rows = stats.add_intervals(pd.DataFrame([_row(key, keys, group) for key, group in ordered]), VALUE_NAMES)
+    markdown = _markdown(rows, extra_keys) + stats.differences_markdown(rows, _names(rows, keys[2:]), baseline)
+    _write_tables(out_dir, rows, markdown)
     plot_curves(_names(rows, keys[2:]), [group for _, group in ordered], out_dir / files.CURVES_PNG)
     if rows["batch_size"].nunique() > 1:
         # one line per setting other than the batch size and what follows it (a learning rate scaled with it)
@@ -329,12 +328,40 @@ def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[
     return Report(rows, markdown, out_dir, unfinished, problems, running)
 
 
+def _write_tables(out_dir: Path, rows: pd.DataFrame, markdown: str) -> None:
+    files.remove_stale_temp_files(out_dir)
+    # results.md goes first and comes back last: whenever it exists, results.csv beside it is its data
+    (out_dir / files.RESULTS_MD).unlink(missing_ok=True)
+    files.write_atomic(out_dir / files.RESULTS_CSV, rows.to_csv(index=False))
+    files.write_atomic(out_dir / files.RESULTS_MD, markdown)
+
+
+def rebuild_from_csv(csv_path: Path, baseline: str | None = None) -> str:
+    """results.md (and results.csv, with confidence intervals added) beside a results.csv, from its means, stds and
+    seed counts alone: for tables whose job folders are gone. -> the markdown."""
+    rows = pd.read_csv(csv_path)
+    keys = list(rows.columns[1:rows.columns.get_loc("seeds")])  # the row keys, then the extra keys, as written
+    rows = stats.add_intervals(rows, VALUE_NAMES)
+    markdown = _markdown(rows, keys[len(ROW_KEYS):]) + stats.differences_markdown(rows, _names(rows, keys[2:]), baseline)
+    lock = files.FolderLock(csv_path.parent, files.COLLECT_LOCK)
+    lock.acquire(wait=True)
+    try:
+        _write_tables(csv_path.parent, rows, markdown)
+    finally:
+        lock.release()
+    return markdown
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: exit 0 when every job completed, 1 when some did not, 2 when there is nothing to collect, 3 when the
     table could not be written (the message says why; results.md is then absent or older than the jobs)."""
     parser = argparse.ArgumentParser(prog="normsweep-collect", description=__doc__)
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="SWEEP_DIR",
+    parser.add_argument("dirs", nargs="*", type=Path, metavar="SWEEP_DIR",
                         help="sweep or run folders, searched recursively; results go into the first")
+    parser.add_argument("--baseline", metavar="ROW", help="the row the differences table compares every row with, "
+                        "by its name in the table (default: the first row)")
+    parser.add_argument("--from-csv", type=Path, metavar="RESULTS_CSV", help="rebuild results.md beside this "
+                        "results.csv from its means, stds and seed counts (no job folders needed)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # usage error (2) or --help (0): return it, as the signature promises
@@ -343,13 +370,26 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     log.addHandler(handler)
     try:
+        if args.from_csv is not None:
+            try:
+                print(rebuild_from_csv(args.from_csv, args.baseline), end="")
+            except stats.BaselineError as error:
+                log.error("%s", error)
+                return 2
+            except (OSError, ValueError, KeyError) as error:
+                log.error("%s: not a results.csv of this collector (%s: %s)", args.from_csv, type(error).__name__, error)
+                return 2
+            return 0
+        if not args.dirs:
+            parser.print_usage(sys.stderr)
+            return 2
         missing = [d for d in args.dirs if not d.is_dir()]
         if missing:
             log.error("not a directory: %s", ", ".join(map(str, missing)))
             return 2
         try:
-            report = collect(args.dirs)
-        except NoRunsError as error:
+            report = collect(args.dirs, args.baseline)
+        except (NoRunsError, stats.BaselineError) as error:
             log.error("%s", error)
             return 2
         except Exception as error:  # noqa: BLE001 - e.g. the folder cannot be written: one line, not a traceback

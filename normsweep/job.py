@@ -42,9 +42,13 @@ CODE_VERSION = git_state()
 
 
 def _same_job(old: dict | None, new: dict) -> bool:
-    def strip(c: dict) -> dict:
-        return {k: v for k, v in files.flatten(c).items() if k not in files.RUNTIME_KEYS}
-    return isinstance(old, dict) and strip(old) == strip(new)
+    """Same settings, runtime keys aside. Only keys both configs have are compared: a key the schema gained or lost
+    since the job ran (a new option at its default, a removed one that did nothing) does not make it another job."""
+    if not isinstance(old, dict):
+        return False
+    old_flat, new_flat = files.flatten(old), files.flatten(new)
+    shared = (old_flat.keys() & new_flat.keys()) - set(files.RUNTIME_KEYS)
+    return all(old_flat[k] == new_flat[k] for k in shared)
 
 
 def _read_previous(path: Path, parse: Callable[[str], object]) -> dict | None:

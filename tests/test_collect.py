@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy import stats as scipy_stats
 
 from conftest import PNG_MAGIC, REPO
 from normsweep import files
@@ -78,8 +80,19 @@ EXPECTED_TABLE = """\
 """
 
 
+# GroupNorm with L1 against BatchNorm, Welch: best test acc -0.40, se = sqrt(0.02/2 + 0.01/3) = 0.1155 with
+#   df = 0.01333^2 / (0.01^2/1 + 0.00333^2/2) = 1.684, t_0.975(1.684) = 5.20 -> ±0.60; best loss +0.0100,
+#   se = sqrt(2e-6/2 + 1e-6/3) = 0.001155, the same df -> ±0.0060. Two seeds: no p-value.
+EXPECTED_DIFFERENCES = """| Row               | n     | Δ best test acc (95 % CI)   | p (best test acc)   | Δ best test loss (95 % CI)   | p (best test loss)   |
+|:------------------|:------|:----------------------------|:--------------------|:-----------------------------|:---------------------|
+| BatchNorm         | 3 / 3 | baseline                    |                     | baseline                     |                      |
+| GroupNorm with L1 | 2 / 3 | −0.40 [−1.00, +0.20]        | n < 3 †             | +0.0100 [+0.0040, +0.0160]   | n < 3 †              |
+"""
+
+
 def table_column(markdown: str, heading: str) -> list[str]:
-    lines = markdown.splitlines()
+    """One column of the first table in markdown."""
+    lines = markdown.split("\n\n")[0].splitlines()
     headings = [cell.strip() for cell in lines[0].strip("|").split("|")]
     return [line.strip("|").split("|")[headings.index(heading)].strip() for line in lines[2:]]
 
@@ -87,7 +100,8 @@ def table_column(markdown: str, heading: str) -> list[str]:
 def test_seeds_merge_into_rows_with_mean_and_std(tmp_path, capsys):
     make_two_configs(tmp_path)
     assert main([str(tmp_path)]) == 0
-    assert (tmp_path / files.RESULTS_MD).read_text() == EXPECTED_TABLE
+    markdown = (tmp_path / files.RESULTS_MD).read_text()
+    assert markdown.startswith(EXPECTED_TABLE) and EXPECTED_DIFFERENCES in markdown
     assert EXPECTED_TABLE in capsys.readouterr().out
     csv = pd.read_csv(tmp_path / files.RESULTS_CSV)
     assert list(csv["label"]) == ["BatchNorm", "GroupNorm with L1"]
@@ -249,3 +263,59 @@ def test_batch_size_plot_lines_ignore_a_learning_rate_that_follows_the_batch_siz
                          "dropout": [0.0, 0.1, 0.0, 0.1]})
     assert _follows_batch_size(rows, "optim.max_lr")
     assert not _follows_batch_size(rows, "dropout")
+
+
+def test_intervals_and_tests_agree_with_an_independent_computation(tmp_path):
+    """Three seeds a side, the values read back from the job folders and fed to scipy's own sample-based routines:
+    the table's 95 % half-widths, differences, intervals and Welch p-values must be theirs."""
+    base = {"a": 99.41, "b": 99.52, "c": 99.47}
+    other = {"d": 99.20, "e": 99.33, "f": 99.26}
+    for seed, (name, acc) in enumerate(base.items(), start=1):
+        make_job(tmp_path, name, [(0.3, 97.0, 0.02 + acc / 1e4, acc)], seed=seed)
+    for seed, (name, acc) in enumerate(other.items(), start=1):
+        make_job(tmp_path, name, [(0.3, 97.0, 0.03 + acc / 1e4, acc)], seed=seed, norm__name="ln")
+    report = collect([tmp_path], baseline="BatchNorm")
+    values = {label: [json.loads((tmp_path / n / files.SUMMARY).read_text())["best_test_acc"] for n in names]
+              for label, names in (("BatchNorm", base), ("LayerNorm", other))}
+    for label, sample in values.items():
+        sem = scipy_stats.sem(sample)
+        low, high = scipy_stats.t.interval(0.95, len(sample) - 1, loc=np.mean(sample), scale=sem)
+        row = report.rows.set_index("label").loc[label]
+        assert row["best_test_acc_ci95"] == pytest.approx((high - low) / 2)
+    welch = scipy_stats.ttest_ind(values["LayerNorm"], values["BatchNorm"], equal_var=False)
+    low, high = welch.confidence_interval(0.95)
+    diff = np.mean(values["LayerNorm"]) - np.mean(values["BatchNorm"])
+    line = [line for line in report.markdown.splitlines() if line.startswith("| LayerNorm")][-1]  # 2nd table
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[2] == f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]".replace("-", "−")
+    assert cells[3] == f"{welch.pvalue:.3f}"
+
+
+def test_baseline_is_chosen_by_name_and_a_wrong_one_lists_the_rows(tmp_path, capsys):
+    make_two_configs(tmp_path)
+    assert main([str(tmp_path), "--baseline", "GroupNorm with L1"]) == 0
+    markdown = (tmp_path / files.RESULTS_MD).read_text()
+    assert "## Differences against the baseline: GroupNorm with L1" in markdown
+    assert "| BatchNorm         | 3 / 2 | +0.40 [−0.20, +1.00]" in markdown
+    before = markdown
+    capsys.readouterr()
+    assert main([str(tmp_path), "--baseline", "Batchnorm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ERROR: baseline 'Batchnorm' matches no row; the rows are: BatchNorm; GroupNorm with L1"]
+    assert (tmp_path / files.RESULTS_MD).read_text() == before  # nothing written
+
+
+def test_tables_rebuild_from_a_results_csv_alone(tmp_path):
+    make_two_configs(tmp_path)
+    assert main([str(tmp_path)]) == 0
+    from_folders = (tmp_path / files.RESULTS_MD).read_text()
+    csv_columns = list(pd.read_csv(tmp_path / files.RESULTS_CSV).columns)
+    assert csv_columns[csv_columns.index("best_test_acc_std") + 1] == "best_test_acc_ci95"
+    old_style = pd.read_csv(tmp_path / files.RESULTS_CSV).drop(
+        columns=[c for c in csv_columns if c.endswith(("_ci95", "_n"))])  # as committed before intervals existed
+    folder = tmp_path / "published"
+    folder.mkdir()
+    old_style.to_csv(folder / files.RESULTS_CSV, index=False)
+    assert main(["--from-csv", str(folder / files.RESULTS_CSV)]) == 0
+    assert (folder / files.RESULTS_MD).read_text() == from_folders
+    assert "best_test_acc_ci95" in pd.read_csv(folder / files.RESULTS_CSV)
