@@ -31,8 +31,6 @@ STATUS_UNFINISHED = "unfinished"  # no summary.json and no process holding its l
 STATUS_UNREADABLE = "unreadable"  # a file of the job is corrupt: "unreadable: <file>"
 STATUS_ORDER = (files.STATUS_COMPLETED, files.STATUS_FAILED, files.STATUS_DIVERGED, files.STATUS_RUNNING,
                 STATUS_UNFINISHED)  # the order of the counts in a Status cell; unreadable ones come last
-CURVE_PANELS = (("train_loss", "Train loss", "loss"), ("train_acc", "Train accuracy", "accuracy (%)"),
-                ("test_loss", "Test loss", "loss"), ("test_acc", "Test accuracy", "accuracy (%)"))
 
 
 class NoRunsError(Exception):
@@ -215,26 +213,62 @@ def _save(fig: Figure, path: Path) -> None:
     files.write_atomic(path, buffer.getvalue())
 
 
+def _zoom(ax, lows: list[float], highs: list[float], first_epoch: int, last_epoch: int) -> None:
+    """Limits for a zoomed panel: the last epochs, the y range the curves and bands take there."""
+    if lows and highs:
+        low, high = min(lows), max(highs)
+        pad = max((high - low) * 0.1, 0.01)
+        ax.set_ylim(low - pad, high + pad)
+    ax.set_xlim(first_epoch - 0.3, last_epoch + 0.3)
+
+
 def plot_curves(names: list[str], groups: list[list[Job]], path: Path) -> Figure:
-    """curves.png: the four per-epoch metrics, one line per table row (named by names) averaged over its seeds."""
-    fig = Figure(figsize=(12, 8), layout="constrained")
-    axes = fig.subplots(2, 2).ravel()
+    """curves.png: the four per-epoch metrics, one line per table row (named by names): the mean over its seeds,
+    with a band of ±1 std where it has several; each accuracy also zoomed on the last epochs, where the rows differ
+    by tenths of a point."""
+    fig = Figure(figsize=(15, 8), layout="constrained")
+    grid = fig.subplots(2, 3)
+    axes = {"train_loss": grid[0, 0], "train_acc": grid[0, 1], "test_loss": grid[1, 0], "test_acc": grid[1, 1]}
+    zoomed = {"train_acc": grid[0, 2], "test_acc": grid[1, 2]}
+    last_epoch = max((int(job.metrics["epoch"].max()) for jobs in groups for job in jobs if len(job.metrics)),
+                     default=1)
+    first_zoomed = max(1, last_epoch - max(3, last_epoch // 4) + 1)  # the last quarter, at least 3 epochs
+    zoom_range: dict[str, tuple[list[float], list[float]]] = {column: ([], []) for column in zoomed}
     for name, jobs in zip(names, groups):
         frames = [job.metrics for job in jobs if len(job.metrics)]
-        if frames:  # mean over seeds, epoch by epoch; a seed that stopped early leaves the later means to the rest
-            curve = pd.concat(frames).groupby("epoch").mean(numeric_only=True)
-            for ax, (column, _, _) in zip(axes, CURVE_PANELS):
-                if column in curve:
-                    ax.plot(curve.index, curve[column], marker="o", markersize=3, label=name)
-    legend = {}
-    for ax, (_, title, ylabel) in zip(axes, CURVE_PANELS):
+        if not frames:
+            continue
+        # epoch by epoch over seeds; a seed that stopped early leaves the later epochs to the rest
+        by_epoch = pd.concat(frames).groupby("epoch")
+        mean, std = by_epoch.mean(numeric_only=True), by_epoch.std(numeric_only=True)
+        for column, ax in axes.items():
+            if column not in mean:
+                continue
+            targets = [ax] + ([zoomed[column]] if column in zoomed else [])
+            for target in targets:
+                line, = target.plot(mean.index, mean[column], marker="o", markersize=3, label=name)
+                if len(frames) > 1:
+                    target.fill_between(mean.index, mean[column] - std[column].fillna(0),
+                                        mean[column] + std[column].fillna(0), color=line.get_color(), alpha=0.15)
+            if column in zoomed:
+                tail = mean.index >= first_zoomed
+                spread = std[column].fillna(0)[tail] if len(frames) > 1 else 0
+                zoom_range[column][0].extend((mean[column][tail] - spread).dropna())
+                zoom_range[column][1].extend((mean[column][tail] + spread).dropna())
+    titles = {"train_loss": ("Train loss", "loss"), "train_acc": ("Train accuracy", "accuracy (%)"),
+              "test_loss": ("Test loss", "loss"), "test_acc": ("Test accuracy", "accuracy (%)")}
+    for column, ax in [*axes.items(), *zoomed.items()]:
+        title, ylabel = titles[column]
+        if ax in zoomed.values():
+            title = f"{title}, epochs {first_zoomed}–{last_epoch}"
+            _zoom(ax, *zoom_range[column], first_zoomed, last_epoch)
         ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        legend.update({label: handle for handle, label in zip(*ax.get_legend_handles_labels())})
+    legend = {label: handle for ax in axes.values() for handle, label in zip(*ax.get_legend_handles_labels())}
     if legend:
         fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize="small")
-    fig.suptitle("Training curves (mean over seeds)")
+    fig.suptitle("Training curves: mean over seeds, band ±1 std")
     _save(fig, path)
     return fig
 

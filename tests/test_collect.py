@@ -236,11 +236,20 @@ def test_plots_are_written(tmp_path):
     assert (job / files.MISCLASSIFIED_PNG).read_bytes().startswith(PNG_MAGIC)
     assert not (tmp_path / "b" / files.MISCLASSIFIED_PNG).exists()  # no json, no plot
     fig = plot_curves(["BatchNorm"], [[read_job(tmp_path / name, []) for name in "abc"]], tmp_path / "c.png")
-    assert [ax.get_title() for ax in fig.axes] == ["Train loss", "Train accuracy", "Test loss", "Test accuracy"]
+    titles = {ax.get_title(): ax for ax in fig.axes}
+    assert set(titles) == {"Train loss", "Train accuracy", "Train accuracy, epochs 1–2", "Test loss",
+                           "Test accuracy", "Test accuracy, epochs 1–2"}
     assert [text.get_text() for text in fig.legends[0].get_texts()] == ["BatchNorm"]
-    test_acc = fig.axes[3].get_lines()[0]  # mean over the three seeds: (99.4 + 99.3 + 99.6) / 3, then 99.4
-    assert list(test_acc.get_xdata()) == [1, 2]
-    assert list(test_acc.get_ydata()) == pytest.approx([99.4333333, 99.4])
+    for title in ("Test accuracy", "Test accuracy, epochs 1–2"):
+        test_acc = titles[title].get_lines()[0]  # mean over the three seeds: (99.4 + 99.3 + 99.6) / 3, then 99.4
+        assert list(test_acc.get_xdata()) == [1, 2]
+        assert list(test_acc.get_ydata()) == pytest.approx([99.4333333, 99.4])
+        # ±1 std: epoch 1 std of (99.4, 99.3, 99.6) = 0.1528, epoch 2 of (99.2, 99.5, 99.5) = 0.1732
+        (band,) = titles[title].collections
+        low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+        assert (low, high) == pytest.approx((99.4 - 0.1732051, 99.4333333 + 0.1527525))
+    zoom = titles["Test accuracy, epochs 1–2"].get_ylim()
+    assert zoom[0] > 99 and zoom[1] < 100  # the zoom follows the curves, not 0-100
 
 
 def test_results_go_into_the_first_of_several_dirs(tmp_path):
