@@ -229,6 +229,8 @@ def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device)
             row, pred = yield from train_and_test(run, cfg, graphed, epoch)
             history.append(row)
             record_epoch(job_dir, run, history, board)
+        if board is not None:
+            record_hparams(board, cfg, history)
     finally:
         if board is not None:
             board.close()
@@ -296,6 +298,10 @@ def resume(checkpoint: Path, model: Net, optimizer, scheduler, device: torch.dev
     return history
 
 
+def tensorboard_dir(cfg: Config, job_dir: Path) -> Path:
+    return job_dir / files.TENSORBOARD_DIR / f"{files.run_label(cfg.norm.name, cfg.reg.name)}, seed {cfg.seed}"
+
+
 def open_tensorboard(cfg: Config, job_dir: Path, first_epoch: int):
     """A SummaryWriter into <job>/tensorboard/<run label>/ when logger=tensorboard, else None. `tensorboard --logdir
     <sweep dir>` names each run by its path: "bn-l1-bs64-s1/tensorboard/BatchNorm with L1, seed 1"."""
@@ -303,10 +309,38 @@ def open_tensorboard(cfg: Config, job_dir: Path, first_epoch: int):
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    log_dir = job_dir / files.TENSORBOARD_DIR / f"{files.run_label(cfg.norm.name, cfg.reg.name)}, seed {cfg.seed}"
+    log_dir = tensorboard_dir(cfg, job_dir)
     # A resumed job runs again from first_epoch: purge_step makes TensorBoard drop what an interrupted writer
     # logged from there on (epochs whose checkpoint was never saved), so every epoch shows once.
     return SummaryWriter(str(log_dir), purge_step=first_epoch if first_epoch > 1 else None)
+
+
+HPARAM_METRICS = ("best_test_acc", "best_test_loss", "final_test_acc")  # what the HParams view shows per run
+
+
+def hparams_of(cfg: Config) -> dict[str, object]:
+    """The settings a sweep varies, as TensorBoard's HParams view shows them (plain str, int, float or bool)."""
+    return {"norm": str(cfg.norm.name), "norm.groups": cfg.norm.groups, "reg": str(cfg.reg.name),
+            "reg.l1": float(cfg.reg.l1), "reg.l2": float(cfg.reg.l2), "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "epochs": cfg.epochs, "optim.max_lr": float(cfg.optim.max_lr), "optim.momentum": float(cfg.optim.momentum),
+            "optim.cycle_momentum": cfg.optim.cycle_momentum, "dropout": float(cfg.dropout),
+            "data": str(cfg.data.name), "data.augment": cfg.data.augment, "precision": str(cfg.precision)}
+
+
+def record_hparams(board, cfg: Config, history: list[dict]) -> None:
+    """The job's settings and final metrics for TensorBoard's HParams dashboard, written by the job's own writer
+    (torch's add_hparams would open a timestamped subfolder: a second run per job), so that `tensorboard --logdir
+    <sweep>` shows the sweep as one table and as parallel coordinates. A resumed job writes them again: the last
+    ones count."""
+    from torch.utils.tensorboard.summary import hparams
+
+    summary = files.summarize(history)
+    metrics = {f"hparams/{name}": summary[name] for name in HPARAM_METRICS if summary[name] is not None}
+    for event in hparams(hparams_of(cfg), metrics):
+        board.file_writer.add_summary(event)
+    for tag, value in metrics.items():
+        board.add_scalar(tag, value, len(history))
+    board.flush()
 
 
 def write_misclassified(job_dir: Path, data: DeviceData, pred: torch.Tensor) -> None:

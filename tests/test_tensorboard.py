@@ -2,17 +2,19 @@
 TensorBoard reads it; exact after a resume; a missing package is one clear line before any training."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from normsweep import files, train
-from normsweep.config import Config, DataConfig, RegConfig, validate
+from normsweep.config import Config, DataConfig, NormConfig, RegConfig, validate
 from normsweep.files import read_jsonl
 from normsweep.job import run_job
 
@@ -35,7 +37,8 @@ def read_board(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
     assert run_dir.name == RUN_NAME
     board = EventAccumulator(str(run_dir))
     board.Reload()
-    return {tag: [(event.step, event.value) for event in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+    return {tag: [(event.step, event.value) for event in board.Scalars(tag)] for tag in board.Tags()["scalars"]
+            if not tag.startswith("hparams/")}  # the HParams metrics: test_hparams_show_a_sweep
 
 
 def expected_scalars(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -83,3 +86,34 @@ def test_missing_package_fails_before_any_file_is_written(tmp_path, monkeypatch)
     assert str(error.value) == message
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
     validate(config(logger="none"))  # only the logger needs it
+
+
+def read_hparams(run_dir: Path) -> tuple[dict[str, object], dict[str, float]]:
+    """One run's settings and metrics as TensorBoard's HParams plugin reads them from the event files."""
+    board = EventAccumulator(str(run_dir))
+    board.Reload()
+    content = board.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    settings = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metrics = {info.name.tag: board.Scalars(info.name.tag)[-1].value for info in experiment.metric_infos}
+    return settings, metrics
+
+
+def test_hparams_show_a_sweep_with_its_settings_and_metrics(tmp_path):
+    jobs = {"bn-l1": config(), "gn-l2": config(norm=NormConfig(name="gn"), reg=RegConfig(name="l2", l2=0.001)),
+            "ln-none-bs32": config(norm=NormConfig(name="ln"), reg=RegConfig(), batch_size=32),
+            "bn-l1-s4": config(seed=4)}
+    for name, cfg in jobs.items():
+        (tmp_path / name).mkdir()  # the job folder, as Hydra makes it
+        assert run(tmp_path / name, cfg) == files.STATUS_COMPLETED
+    for name, cfg in jobs.items():
+        (run_dir,) = (tmp_path / name / files.TENSORBOARD_DIR).iterdir()
+        settings, metrics = read_hparams(run_dir)
+        assert settings["norm"] == cfg.norm.name and settings["reg"] == cfg.reg.name
+        assert (settings["reg.l1"], settings["reg.l2"]) == (cfg.reg.l1, cfg.reg.l2)
+        assert (settings["batch_size"], settings["seed"], settings["epochs"]) == (cfg.batch_size, cfg.seed, 2)
+        assert {"optim.max_lr", "optim.momentum", "dropout", "data", "data.augment"} <= set(settings)
+        summary = json.loads((tmp_path / name / files.SUMMARY).read_text())
+        assert metrics == {f"hparams/{key}": pytest.approx(summary[key], rel=1e-6)
+                           for key in ("best_test_acc", "best_test_loss", "final_test_acc")}
