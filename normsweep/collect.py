@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 ROW_KEYS = ("norm.name", "reg.name", "batch_size", "reg.l1", "reg.l2")  # always define a row, own columns
 # Settings that do not change what is measured: runs differing only in these share a row (seeds are averaged).
-NON_EXPERIMENT_KEYS = ("seed", *files.RUNTIME_KEYS)
 VALUE_NAMES = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc")
 STATUS_UNFINISHED = "unfinished"  # no summary.json and no process holding its lock: killed
 STATUS_UNREADABLE = "unreadable"  # a file of the job is corrupt: "unreadable: <file>"
@@ -337,7 +336,7 @@ def collect(dirs: list[Path], baseline: str | None = None) -> Report:
 
 def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[str], baseline: str | None) -> Report:
     all_keys = dict.fromkeys(k for job in jobs for k in job.config)  # config order, first seen first
-    extra_keys = [k for k in all_keys if k not in ROW_KEYS and k not in NON_EXPERIMENT_KEYS
+    extra_keys = [k for k in all_keys if k not in ROW_KEYS and k != "seed" and not files.is_runtime_key(k)
                   and len({job.config.get(k) for job in jobs}) > 1]
     keys = [*ROW_KEYS, *extra_keys]
     groups: dict[tuple, list[Job]] = {}

@@ -36,7 +36,7 @@ RegName = _choice("RegName", files.REG_SUFFIXES)
 DataName = _choice("DataName", ("mnist", "fashion_mnist", "fake"))  # data.DATASETS, which a test pins to this
 Device = _choice("Device", ("auto", "cpu", "cuda"))
 Precision = _choice("Precision", ("fp32", "bf16"))
-Logger = _choice("Logger", ("none", "tensorboard"))
+Logger = _choice("Logger", ("none", "tensorboard", "mlflow"))
 
 
 @dataclass
@@ -59,6 +59,15 @@ class OptimConfig:
     # OneCycleLR's default, as in the reference: momentum cycles 0.95 -> 0.85 -> 0.95 against the learning
     # rate, which overrides `momentum` above; false keeps momentum fixed at `momentum`
     cycle_momentum: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    # none | tensorboard: per-epoch scalars and HParams into <job>/tensorboard/ (pip install -e '.[tensorboard]') |
+    # mlflow: a run per job under a run per sweep (pip install -e '.[mlflow]')
+    name: Logger = Logger.none
+    # mlflow only: where runs go; null = an SQLite file in the sweep folder (<sweep>/mlflow.db), or the run folder
+    tracking_uri: Optional[str] = None
 
 
 @dataclass
@@ -89,9 +98,7 @@ class Config:
     cuda_graphs: bool = True
     threads: int = 0  # torch CPU threads for this job; 0 = all cores given to the process
     fail_fast: bool = False  # stop a multirun at its first failed job (default: record the failure, go on)
-    # none | tensorboard: also write every per-epoch metric as TensorBoard scalars into <job>/tensorboard/
-    # (needs the tensorboard package: pip install -e '.[tensorboard]')
-    logger: Logger = Logger.none
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # group: logger=none|tensorboard|mlflow
 
 
 def register_configs() -> None:
@@ -116,8 +123,10 @@ def validate(cfg: Config) -> None:
         (cfg.optim.max_lr > 0, f"optim.max_lr={cfg.optim.max_lr} must be > 0"),
         (cfg.optim.momentum >= 0, f"optim.momentum={cfg.optim.momentum} must be >= 0"),
         # checked here, not at the first epoch's end: a sweep must not train for nothing
-        (cfg.logger != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+        (cfg.logger.name != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
          "logger=tensorboard needs the tensorboard package: pip install tensorboard, or pip install -e '.[tensorboard]'"),
+        (cfg.logger.name != "mlflow" or importlib.util.find_spec("mlflow") is not None,
+         "logger=mlflow needs the mlflow package: pip install mlflow, or pip install -e '.[mlflow]'"),
         (cfg.threads >= 0, f"threads={cfg.threads} must be >= 0 (0 = all cores)"),
         (cfg.data.train_limit is None or cfg.data.train_limit > 0, "data.train_limit must be null or a positive integer"),
         (cfg.data.test_limit is None or cfg.data.test_limit > 0, "data.test_limit must be null or a positive integer"),

@@ -37,6 +37,11 @@ STATUS_RUNNING = "running"  # another process holds the job's lock
 # conf/config.yaml keeps the same keys out of job folder names.
 RUNTIME_KEYS = ("fail_fast", "threads", "device", "cuda_graphs", "data.root", "logger")
 
+
+def is_runtime_key(key: str) -> bool:
+    """A RUNTIME_KEYS entry or a key under one (logger.tracking_uri under logger)."""
+    return any(key == k or key.startswith(f"{k}.") for k in RUNTIME_KEYS)
+
 NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}  # dict order is the table's row order
 REG_SUFFIXES = {"none": "", "l1": " with L1", "l2": " with L2", "l1l2": " with L1 and L2"}
 

@@ -47,8 +47,8 @@ def _same_job(old: dict | None, new: dict) -> bool:
     if not isinstance(old, dict):
         return False
     old_flat, new_flat = files.flatten(old), files.flatten(new)
-    shared = (old_flat.keys() & new_flat.keys()) - set(files.RUNTIME_KEYS)
-    return all(old_flat[k] == new_flat[k] for k in shared)
+    shared = old_flat.keys() & new_flat.keys()
+    return all(old_flat[k] == new_flat[k] for k in shared if not files.is_runtime_key(k))
 
 
 def _read_previous(path: Path, parse: Callable[[str], object]) -> dict | None:

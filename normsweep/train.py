@@ -305,7 +305,7 @@ def tensorboard_dir(cfg: Config, job_dir: Path) -> Path:
 def open_tensorboard(cfg: Config, job_dir: Path, first_epoch: int):
     """A SummaryWriter into <job>/tensorboard/<run label>/ when logger=tensorboard, else None. `tensorboard --logdir
     <sweep dir>` names each run by its path: "bn-l1-bs64-s1/tensorboard/BatchNorm with L1, seed 1"."""
-    if cfg.logger != "tensorboard":
+    if cfg.logger.name != "tensorboard":
         return None
     from torch.utils.tensorboard import SummaryWriter
 

@@ -11,7 +11,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scancel", "scontrol")  # what submitit and this helper call
@@ -70,7 +70,10 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket
+# a requeued job may start again cred_expire seconds later (default 120); the main scheduler tests pending jobs
+# every sched_interval seconds (default 60): both short, so that a requeued job restarts within seconds
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
+SchedulerParameters=sched_interval=2
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -116,8 +119,8 @@ def kill_leftovers() -> None:
             continue  # ended meanwhile, or not ours to read
         if not args or Path(args[0]).name not in DAEMONS:
             continue
-        folders = {Path(arg[arg.index("/"):arg.index(MARKER) + len(MARKER)]) for arg in args[1:]
-                   if MARKER in arg and "/" in arg[:arg.index(MARKER)]}
+        paths = [Path(arg.split("=", 1)[-1]) for arg in args[1:] if MARKER in arg]  # -f X or --socket=X
+        folders = {folder for path in paths for folder in (path, *path.parents) if folder.name == MARKER}
         if folders and not any(_owner_alive(folder) for folder in folders):
             try:
                 os.kill(int(proc.name), signal.SIGKILL)
@@ -126,14 +129,16 @@ def kill_leftovers() -> None:
 
 
 def _check(procs: dict[str, subprocess.Popen], root: Path) -> None:
+    """Raises, with the end of its output and log, when a daemon has exited (a bad config, a port in use)."""
     for name, proc in procs.items():
         if proc.poll() is not None:
-            log = root / f"{name}.log"
-            tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+            logs = [root / f"{name}.out", root / f"{name}.log"]  # .out: what it printed before its log opened
+            tails = "\n".join(log.read_text(errors="replace")[-2000:] for log in logs if log.exists())
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tails}")
 
 
-def _wait(what: str, ready, procs: dict[str, subprocess.Popen], root: Path, timeout: float) -> None:
+def _wait(what: str, ready: Callable[[], bool], procs: dict[str, subprocess.Popen], root: Path,
+          timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         _check(procs, root)
@@ -182,10 +187,11 @@ def slurm_cluster(root: Path, timeout: float = 60) -> Iterator[dict[str, str]]:
 
     try:
         munge = root / "munge"
+        # --force: munged wants every folder above its socket open to all, and pytest's temp folders are 0700
         start("munged", "--foreground", "--force", f"--socket={munge}/munge.socket", f"--key-file={munge}/munge.key",
               f"--pid-file={munge}/munged.pid", f"--log-file={root}/munged.log", f"--seed-file={munge}/munged.seed")
         _wait("munged", (munge / "munge.socket").exists, procs, root, timeout)
-        start("slurmctld", "-D", "-i", "-f", str(conf))
+        start("slurmctld", "-D", "-f", str(conf))
         start("slurmd", "-D", "-f", str(conf), "-N", socket.gethostname().split(".")[0])
 
         def idle() -> bool:

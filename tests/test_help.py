@@ -13,10 +13,11 @@ def test_help_lists_groups_options_and_examples(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = [line.strip() for line in proc.stdout.splitlines()]
-    for group in ("norm: bn, gn, ln", "reg: l1, l1l2, l2, none", "data: fake, fashion_mnist, mnist"):
+    for group in ("norm: bn, gn, ln", "reg: l1, l1l2, l2, none", "data: fake, fashion_mnist, mnist",
+                  "logger: mlflow, none, tensorboard"):
         assert group in lines
     assert any(line.startswith("experiment: ") and "reference_bn_l1" in line for line in lines)
-    for option in ("epochs: 20", "batch_size: 64", "dropout: 0.03", "logger: none", "root: data"):
+    for option in ("epochs: 20", "batch_size: 64", "dropout: 0.03", "tracking_uri: null", "root: data"):
         assert option in lines
     for example in ("python run.py norm=gn reg=l2", "python run.py -m norm=bn,gn,ln reg=l1,l2",
                     "python run.py -m 'experiment=glob(reference_*)' seed=1,2,3"):

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from normsweep import files, train
-from normsweep.config import Config, DataConfig, NormConfig, RegConfig, validate
+from normsweep.config import Config, DataConfig, LoggerConfig, NormConfig, RegConfig, validate
 from normsweep.files import read_jsonl
 from normsweep.job import run_job
 
@@ -22,7 +22,7 @@ RUN_NAME = "BatchNorm with L1, seed 3"  # the table's row label, and the seed
 
 
 def config(**overrides) -> Config:
-    settings = dict(epochs=2, seed=3, threads=1, device="cpu", logger="tensorboard", reg=RegConfig(name="l1", l1=0.001),
+    settings = dict(epochs=2, seed=3, threads=1, device="cpu", logger=LoggerConfig(name="tensorboard"), reg=RegConfig(name="l1", l1=0.001),
                     data=DataConfig(name="fake", train_limit=256, test_limit=100))
     return Config(**{**settings, **overrides})
 
@@ -73,9 +73,9 @@ def test_resumed_job_shows_each_epoch_once(tmp_path, monkeypatch):
 
 
 def test_off_by_default_and_bad_values_fail(tmp_path):
-    assert Config().logger == "none"
-    with pytest.raises(ValidationError, match=r"Invalid value 'wandb', expected one of \[none, tensorboard\]"):
-        OmegaConf.merge(OmegaConf.structured(Config), {"logger": "wandb"})
+    assert Config().logger.name == "none"
+    with pytest.raises(ValidationError, match=r"Invalid value 'wandb', expected one of \[none, tensorboard, mlflow\]"):
+        OmegaConf.merge(OmegaConf.structured(Config), {"logger": {"name": "wandb"}})
 
 
 def test_missing_package_fails_before_any_file_is_written(tmp_path, monkeypatch):
@@ -85,7 +85,7 @@ def test_missing_package_fails_before_any_file_is_written(tmp_path, monkeypatch)
         run(tmp_path, config())  # tmp_path: the job folder Hydra made
     assert str(error.value) == message
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing written
-    validate(config(logger="none"))  # only the logger needs it
+    validate(config(logger=LoggerConfig()))  # only the logger needs it
 
 
 def read_hparams(run_dir: Path) -> tuple[dict[str, object], dict[str, float]]:
