@@ -19,6 +19,7 @@ CHECKPOINT = "checkpoint.pt"  # state after the last finished epoch, for resume
 MISCLASSIFIED = "misclassified.json"  # test images the final model got wrong (pixels, labels)
 MISCLASSIFIED_PNG = "misclassified.png"
 MISCLASSIFIED_SHOWN = 10  # test images in a job's misclassified grid (2 rows of 5)
+MLFLOW_RUN = "mlflow_run.json"  # logger=mlflow: the store and run id of the job's MLflow run, so a resume continues it
 TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: <job>/tensorboard/<run label>, seed <n>/ holds the event files
 RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"

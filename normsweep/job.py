@@ -16,15 +16,16 @@ from typing import Callable, Generator
 import torch
 import yaml
 
-from normsweep import files
+from normsweep import files, tracking
 from normsweep.config import Config, validate
 from normsweep.data import Dataset, load_data
 from normsweep.step import JobContext
-from normsweep.train import CheckpointError, Diverged, resolve_device, training
+from normsweep.train import CheckpointError, Diverged, hparams_of, resolve_device, training
 
 log = logging.getLogger(__name__)
 
-RESULT_FILES = (files.SUMMARY, files.METRICS, files.CHECKPOINT, files.MISCLASSIFIED, files.MISCLASSIFIED_PNG)
+RESULT_FILES = (files.SUMMARY, files.METRICS, files.CHECKPOINT, files.MISCLASSIFIED, files.MISCLASSIFIED_PNG,
+                files.MLFLOW_RUN)
 def git_state() -> dict:
     """Commit and dirty flag of the code that ran, or nulls when it does not run from a git checkout."""
     def git(*args: str) -> str:
@@ -64,20 +65,25 @@ def _read_previous(path: Path, parse: Callable[[str], object]) -> dict | None:
     return content if isinstance(content, dict) else None
 
 
-def run_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None) -> str:
+def run_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None,
+            sweep_dir: Path | None = None) -> str:
     """Runs one job into job_dir and returns its status. Bad settings or data raise (ValueError, DataError)
     before any file is written; a failure during training is recorded in summary.json, not raised.
     `command` is the command line recorded in summary.json (default: this process's)."""
-    job = prepare_job(cfg, resolved, job_dir, command)
+    job = prepare_job(cfg, resolved, job_dir, command, sweep_dir)
     return job if isinstance(job, str) else job.run()
 
 
-def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None) -> "JobRun | str":
+def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None,
+                sweep_dir: Path | None = None) -> "JobRun | str":
     """Everything before the first training step: checks, the job's lock, the skip/resume/restart decision, the
     config file. -> the job, ready to train and holding its lock, or its status when it already completed
-    (or is running in another process, which holds the lock)."""
+    (or is running in another process, which holds the lock). `sweep_dir`: the folder of the job's sweep
+    (default: the job folder's parent), where logger=mlflow keeps its store and parent run."""
     validate(cfg)
     device = resolve_device(cfg.device)
+    if cfg.logger.name == "mlflow":
+        tracking.check_reachable(cfg.logger.tracking_uri or "")
     for name in (files.CONFIG, *RESULT_FILES):
         if (job_dir / name).is_dir():
             raise ValueError(f"{job_dir / name} is a folder where normsweep writes a file: move it away and rerun")
@@ -93,7 +99,7 @@ def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None 
             return files.STATUS_COMPLETED
         data = load_data(cfg.data.name, cfg.data.root, cfg.data.train_limit, cfg.data.test_limit)
         _start_or_resume(job_dir, resolved)
-        return JobRun(cfg, job_dir, data, device, command or shlex.join(sys.argv), lock)
+        return JobRun(cfg, job_dir, data, device, command or shlex.join(sys.argv), lock, sweep_dir or job_dir.parent)
     except BaseException:
         lock.release()
         raise
@@ -126,8 +132,9 @@ class JobRun:
     the job with status failed or diverged, recorded in the summary, and is not raised."""
 
     def __init__(self, cfg: Config, job_dir: Path, data: Dataset, device: torch.device, command: str,
-                 lock: files.FolderLock):
+                 lock: files.FolderLock, sweep_dir: Path):
         self.cfg, self.job_dir, self.device, self.command, self.lock = cfg, job_dir, device, command, lock
+        self.sweep_dir = sweep_dir
         self.status: str | None = None  # set when the job has ended
         self.context = JobContext(device)
         self._steps = self._life(data)
@@ -156,9 +163,11 @@ class JobRun:
 
     def _train_and_summarize(self, data: Dataset) -> Generator[None, None, str]:
         started = time.time()
-        status, error, extra = files.STATUS_COMPLETED, None, {}
+        status, error, extra, tracker = files.STATUS_COMPLETED, None, {}, None
         try:
-            extra = yield from training(self.cfg, self.job_dir, data, self.device)
+            tracker = self._open_tracker()
+            extra = yield from training(self.cfg, self.job_dir, data, self.device,
+                                        on_epoch=tracker.log_epoch if tracker else None)
         except Diverged as e:
             status, error = files.STATUS_DIVERGED, str(e)
             log.error("%s diverged: %s", self.job_dir.name, e)
@@ -187,4 +196,14 @@ class JobRun:
             **CODE_VERSION,
         }
         files.write_json(self.job_dir / files.SUMMARY, summary)
+        if tracker is not None:
+            tracker.finish(status, history)
         return status
+
+    def _open_tracker(self) -> "tracking.JobTracker | None":
+        if self.cfg.logger.name != "mlflow":
+            return None
+        uri = self.cfg.logger.tracking_uri or tracking.default_uri(self.sweep_dir)
+        return tracking.JobTracker(uri, self.job_dir, self.sweep_dir, self.job_dir.name, hparams_of(self.cfg),
+                                   {"normsweep.git_commit": str(CODE_VERSION["git_commit"]),
+                                    "normsweep.command": self.command[:5000]})

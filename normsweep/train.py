@@ -205,10 +205,12 @@ def build_run(cfg: Config, dataset: Dataset, device: torch.device) -> Run:
     return Run(data, model, optimizer, make_scheduler(optimizer, cfg, steps_per_epoch), steps_per_epoch)
 
 
-def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> Generator[None, None, dict]:
+def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device,
+             on_epoch: Optional[Callable[[dict], None]] = None) -> Generator[None, None, dict]:
     """Train (or resume) the job in job_dir, yielding after every training step so that several jobs can take turns
-    in one process (launcher.py). Writes metrics.jsonl and the checkpoint after every epoch and misclassified.json
-    at the end; returns facts for the summary. Raises on failure (Diverged included)."""
+    in one process (launcher.py). Writes metrics.jsonl and the checkpoint after every epoch (then calls on_epoch
+    with the epoch's row) and misclassified.json at the end; returns facts for the summary. Raises on failure
+    (Diverged included)."""
     set_up_process(cfg)
     run = build_run(cfg, dataset, device)
     checkpoint = job_dir / files.CHECKPOINT
@@ -229,6 +231,8 @@ def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device)
             row, pred = yield from train_and_test(run, cfg, graphed, epoch)
             history.append(row)
             record_epoch(job_dir, run, history, board)
+            if on_epoch is not None:
+                on_epoch(row)
         if board is not None:
             record_hparams(board, cfg, history)
     finally:

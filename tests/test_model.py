@@ -48,7 +48,9 @@ def test_channels_last_model_computes_what_the_default_layout_computes(norm):
     hidden = fast.features[:2](x)  # two conv blocks: [16, 16, 24, 24]
     assert hidden.is_contiguous(memory_format=torch.channels_last) and not hidden.is_contiguous()
     out_default, out_fast = default(x), fast(x)
-    assert torch.allclose(out_default, out_fast, atol=1e-4)
+    # float32 kernels of the two layouts round differently: BatchNorm's outputs differ by up to ~1.5e-4 with one
+    # thread, half that with two (and earlier tests leave torch's thread count as they set it)
+    assert torch.allclose(out_default, out_fast, atol=3e-4)
     if norm == "bn":
         # Not elementwise comparable: ReLU -> BatchNorm makes the gradient ill-conditioned on some batches (ReLU
         # zeroes most of a channel, ties in max-pool), and float32 rounding differences between kernels grow to
