@@ -12,7 +12,7 @@ $(PY):
 
 # reinstall when the dependencies change
 $(STAMP): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[dev,parallel,slurm,mlflow]'  # slurm, mlflow: their tests run in make test
+	$(PY) -m pip install -q -e '.[dev,parallel,slurm,mlflow,search]'  # their tests run in make test
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -3,6 +3,7 @@ the job's own command line settled here), with bad input stopped by one line and
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import shlex
@@ -125,11 +126,19 @@ def stop_unless_completed(job_dir: Path, status: str, stop: bool) -> None:
     raise SystemExit(f"{job_dir.name} {status}: see {job_dir / files.SUMMARY} and the log beside it")
 
 
-def main(cfg: DictConfig) -> str:
-    """`python run.py ...`: one job, trained to its end in this process."""
+def main(cfg: DictConfig) -> float | str:
+    """`python run.py ...`: one job, trained to its end in this process. -> its objective (cfg.objective from its
+    summary.json) when it completed, for a sweeper that optimizes it; else its status."""
     job = prepare(cfg)
     status = job if isinstance(job, str) else job.run()
-    hydra_cfg = HydraConfig.get()
-    stop_unless_completed(Path(hydra_cfg.runtime.output_dir), status,
-                          hydra_cfg.mode == RunMode.RUN or cfg.fail_fast)
-    return status
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    stop_unless_completed(job_dir, status, HydraConfig.get().mode == RunMode.RUN or cfg.fail_fast)
+    return objective_of(job_dir, str(cfg.objective)) if status == files.STATUS_COMPLETED else status
+
+
+def objective_of(job_dir: Path, objective: str) -> float | str:
+    try:
+        value = json.loads((job_dir / files.SUMMARY).read_text())[objective]
+    except (OSError, ValueError, KeyError):
+        return files.STATUS_COMPLETED
+    return files.STATUS_COMPLETED if value is None else float(value)

@@ -291,6 +291,26 @@ def plot_batch_size(rows: pd.DataFrame, line_names: list[str], path: Path) -> No
     _save(fig, path)
 
 
+FACTOR_PLOT_MIN = 3  # distinct positive values of a factor (a search, a grid over it) before it gets its plot
+
+
+def plot_factors(rows: pd.DataFrame, factors: list[str], path: Path) -> None:
+    """factors.png: best test accuracy against each regularization factor that takes several values (an Optuna search
+    or a grid over it), log axis, one line per norm; with both factors searched, each panel ignores the other."""
+    fig = Figure(figsize=(6 * len(factors), 4.5), layout="constrained")
+    for ax, factor in zip(np.atleast_1d(fig.subplots(1, len(factors))), factors):
+        for norm, line in rows[rows[factor] > 0].groupby("norm.name", sort=False):
+            line = line.sort_values(factor)
+            ax.errorbar(line[factor], line["best_test_acc_mean"], yerr=line["best_test_acc_std"], marker="o",
+                        capsize=3, label=files.NORM_NAMES.get(norm, str(norm)))
+        ax.set_xscale("log")
+        ax.set(xlabel=f"{factor} (log scale)", ylabel="best test accuracy (%)", title=f"Against {factor}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    fig.suptitle("Best test accuracy against the regularization factors (mean ± std over seeds)")
+    _save(fig, path)
+
+
 def plot_misclassified(job: Job, problems: list[str]) -> None:
     """misclassified.png in the job folder: the test images the final model got wrong, 2 rows of 5."""
     source = job.path / files.MISCLASSIFIED
@@ -351,6 +371,9 @@ def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[
         # one line per setting other than the batch size and what follows it (a learning rate scaled with it)
         line_keys = [k for k in keys[2:] if k != "batch_size" and not _follows_batch_size(rows, k)]
         plot_batch_size(rows, _names(rows, line_keys), out_dir / files.BATCH_SIZE_PNG)
+    factors = [k for k in ("reg.l1", "reg.l2") if (rows[k] > 0).sum() >= FACTOR_PLOT_MIN]
+    if factors:
+        plot_factors(rows, factors, out_dir / files.FACTORS_PNG)
     for job in jobs:
         try:
             plot_misclassified(job, problems)

@@ -37,6 +37,12 @@ DataName = _choice("DataName", ("mnist", "fashion_mnist", "fake"))  # data.DATAS
 Device = _choice("Device", ("auto", "cpu", "cuda"))
 Precision = _choice("Precision", ("fp32", "bf16"))
 Logger = _choice("Logger", ("none", "tensorboard", "mlflow"))
+Objective = _choice("Objective", ("best_test_acc", "best_test_loss", "final_test_acc", "best_train_acc"))
+
+
+def objective_direction(objective: str) -> str:
+    """What a search does with the objective: losses are minimized, accuracies maximized."""
+    return "minimize" if "loss" in str(objective) else "maximize"
 
 
 @dataclass
@@ -97,6 +103,9 @@ class Config:
     # false keeps the eager step. No effect on CPU.
     cuda_graphs: bool = True
     threads: int = 0  # torch CPU threads for this job; 0 = all cores given to the process
+    # what a job returns to Hydra's sweeper when it completes (hydra/sweeper=optuna optimizes it); a job that
+    # failed or diverged returns its status instead, which Optuna records as a failed trial
+    objective: Objective = Objective.best_test_acc
     fail_fast: bool = False  # stop a multirun at its first failed job (default: record the failure, go on)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # group: logger=none|tensorboard|mlflow
 
@@ -110,6 +119,8 @@ def register_configs() -> None:
                                     replace=True)
     # the linear scaling rule (Goyal et al. 2017): a learning rate tuned at batch 64, scaled to batch_size
     OmegaConf.register_new_resolver("lr_for_batch", lambda lr, batch_size: lr * batch_size / 64, replace=True)
+    # hydra/sweeper=search: maximize or minimize as the objective implies
+    OmegaConf.register_new_resolver("objective_direction", objective_direction, replace=True)
 
 
 def validate(cfg: Config) -> None:

@@ -25,6 +25,7 @@ RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"
 CURVES_PNG = "curves.png"
 BATCH_SIZE_PNG = "batch_size.png"
+FACTORS_PNG = "factors.png"  # best test accuracy against reg.l1 / reg.l2 when a sweep searched them
 
 LOCK = ".lock"  # held (flock) by the one process running the job; says who in its content
 COLLECT_LOCK = ".collect.lock"  # held by the collector writing the table into a folder
@@ -36,7 +37,7 @@ STATUS_RUNNING = "running"  # another process holds the job's lock
 # Settings that change how a job runs, not what it computes: a rerun differing only in these is the same job
 # (job.py), and runs differing only in these (and the seed) share a row of the table (collect.py).
 # conf/config.yaml keeps the same keys out of job folder names.
-RUNTIME_KEYS = ("fail_fast", "threads", "device", "cuda_graphs", "data.root", "logger")
+RUNTIME_KEYS = ("fail_fast", "threads", "device", "cuda_graphs", "data.root", "logger", "objective")
 
 
 def is_runtime_key(key: str) -> bool:

@@ -15,7 +15,7 @@ SWEEP_TAG = "normsweep.sweep"  # the sweep folder: how the jobs of one sweep fin
 STATUS_TAG = "normsweep.status"
 STATUSES = {files.STATUS_COMPLETED: "FINISHED", files.STATUS_FAILED: "FAILED", files.STATUS_DIVERGED: "FAILED"}
 ARTIFACTS = (files.CONFIG, files.SUMMARY, files.METRICS, files.MISCLASSIFIED)
-SWEEP_ARTIFACTS = (files.RESULTS_MD, files.RESULTS_CSV, files.CURVES_PNG, files.BATCH_SIZE_PNG)
+SWEEP_ARTIFACTS = (files.RESULTS_MD, files.RESULTS_CSV, files.CURVES_PNG, files.BATCH_SIZE_PNG, files.FACTORS_PNG)
 
 
 def default_uri(folder: Path) -> str:
