@@ -39,6 +39,7 @@ JOBS = {"bn-none": config(), "bn-l2": config(reg=RegConfig(name="l2", l2=0.001))
         "gn-none": config(norm=NormConfig(name="gn")), "ln-none-bs32": config(norm=NormConfig(name="ln"), batch_size=32)}
 
 
+@pytest.mark.slow  # MLflow's SQLite store: ~10 s of migrations and writes
 def test_a_sweep_is_a_parent_run_with_a_child_run_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     for name, cfg in JOBS.items():
@@ -60,6 +61,7 @@ def test_a_sweep_is_a_parent_run_with_a_child_run_per_job(tmp_path):
         assert {files.CONFIG, files.SUMMARY, files.METRICS} <= artifacts
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run_and_a_skipped_job_logs_nothing(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     save = train.save_checkpoint
