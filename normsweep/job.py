@@ -197,7 +197,10 @@ class JobRun:
         }
         files.write_json(self.job_dir / files.SUMMARY, summary)
         if tracker is not None:
-            tracker.finish(status, history)
+            try:
+                tracker.finish(status, history)
+            except Exception as e:  # noqa: BLE001 - the job's own files are complete; say what MLflow lacks
+                log.error("%s: its MLflow run was not finished (%s: %s)", self.job_dir.name, type(e).__name__, e)
         return status
 
     def _open_tracker(self) -> "tracking.JobTracker | None":

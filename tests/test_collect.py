@@ -15,7 +15,8 @@ from scipy import stats as scipy_stats
 
 from conftest import PNG_MAGIC, REPO
 from normsweep import files
-from normsweep.collect import collect, main, plot_curves, read_job
+from normsweep.collect import collect, main, read_job
+from normsweep.plots import plot_curves
 from normsweep.files import run_label
 
 BASE_CONFIG = {

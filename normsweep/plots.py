@@ -1,0 +1,148 @@
+"""The collector's figures: curves of all rows, best test accuracy against batch size and against the
+regularization factors, and each job's misclassified grid. matplotlib without pyplot; never torch."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: no global figure registry, no backend to pick, headless
+from matplotlib.ticker import MaxNLocator
+
+from normsweep import files
+
+if TYPE_CHECKING:
+    from normsweep.collect import Job
+
+
+def _save(fig: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    files.write_atomic(path, buffer.getvalue())
+
+
+def _zoom(ax, lows: list[float], highs: list[float], first_epoch: int, last_epoch: int) -> None:
+    """Limits for a zoomed panel: the last epochs, the y range the curves and bands take there."""
+    if lows and highs:
+        low, high = min(lows), max(highs)
+        pad = max((high - low) * 0.1, 0.01)
+        ax.set_ylim(low - pad, high + pad)
+    ax.set_xlim(first_epoch - 0.3, last_epoch + 0.3)
+
+
+def plot_curves(names: list[str], groups: list[list[Job]], path: Path) -> Figure:
+    """curves.png: the four per-epoch metrics, one line per table row (named by names): the mean over its seeds,
+    with a band of ±1 std where it has several; each accuracy also zoomed on the last epochs, where the rows differ
+    by tenths of a point."""
+    fig = Figure(figsize=(15, 8), layout="constrained")
+    grid = fig.subplots(2, 3)
+    axes = {"train_loss": grid[0, 0], "train_acc": grid[0, 1], "test_loss": grid[1, 0], "test_acc": grid[1, 1]}
+    zoomed = {"train_acc": grid[0, 2], "test_acc": grid[1, 2]}
+    last_epoch = max((int(job.metrics["epoch"].max()) for jobs in groups for job in jobs if len(job.metrics)),
+                     default=1)
+    first_zoomed = max(1, last_epoch - max(3, last_epoch // 4) + 1)  # the last quarter, at least 3 epochs
+    zoom_range: dict[str, tuple[list[float], list[float]]] = {column: ([], []) for column in zoomed}
+    for name, jobs in zip(names, groups):
+        frames = [job.metrics for job in jobs if len(job.metrics)]
+        if not frames:
+            continue
+        # epoch by epoch over seeds; a seed that stopped early leaves the later epochs to the rest
+        by_epoch = pd.concat(frames).groupby("epoch")
+        mean, std = by_epoch.mean(numeric_only=True), by_epoch.std(numeric_only=True)
+        for column, ax in axes.items():
+            if column not in mean:
+                continue
+            targets = [ax] + ([zoomed[column]] if column in zoomed else [])
+            for target in targets:
+                line, = target.plot(mean.index, mean[column], marker="o", markersize=3, label=name)
+                if len(frames) > 1:
+                    target.fill_between(mean.index, mean[column] - std[column].fillna(0),
+                                        mean[column] + std[column].fillna(0), color=line.get_color(), alpha=0.15)
+            if column in zoomed:
+                tail = mean.index >= first_zoomed
+                spread = std[column].fillna(0)[tail] if len(frames) > 1 else 0
+                zoom_range[column][0].extend((mean[column][tail] - spread).dropna())
+                zoom_range[column][1].extend((mean[column][tail] + spread).dropna())
+    titles = {"train_loss": ("Train loss", "loss"), "train_acc": ("Train accuracy", "accuracy (%)"),
+              "test_loss": ("Test loss", "loss"), "test_acc": ("Test accuracy", "accuracy (%)")}
+    for column, ax in [*axes.items(), *zoomed.items()]:
+        title, ylabel = titles[column]
+        if ax in zoomed.values():
+            title = f"{title}, epochs {first_zoomed}–{last_epoch}"
+            _zoom(ax, *zoom_range[column], first_zoomed, last_epoch)
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    legend = {label: handle for ax in axes.values() for handle, label in zip(*ax.get_legend_handles_labels())}
+    if legend:
+        fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize="small")
+    fig.suptitle("Training curves: mean over seeds, band ±1 std")
+    _save(fig, path)
+    return fig
+
+
+def plot_batch_size(rows: pd.DataFrame, line_names: list[str], path: Path) -> None:
+    """batch_size.png: one line per norm (strictly: per row name without the batch size) across batch sizes."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    for name, line in rows.assign(line=line_names).groupby("line", sort=False):
+        line = line.sort_values("batch_size")
+        ax.errorbar(line["batch_size"], line["best_test_acc_mean"], yerr=line["best_test_acc_std"],
+                    marker="o", capsize=3, label=name)
+    batch_sizes = sorted(rows["batch_size"].dropna().unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batch_sizes, [str(int(b)) for b in batch_sizes])
+    ax.minorticks_off()
+    ax.set(xlabel="batch size", ylabel="best test accuracy (%)")
+    fig.suptitle("Best test accuracy against batch size (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize="small")
+    _save(fig, path)
+
+
+FACTOR_PLOT_MIN = 3  # distinct positive values of a factor (a search, a grid over it) before it gets its plot
+
+
+def plot_factors(rows: pd.DataFrame, factors: list[str], path: Path) -> None:
+    """factors.png: best test accuracy against each regularization factor that takes several values (an Optuna search
+    or a grid over it), log axis, one line per norm; with both factors searched, each panel ignores the other."""
+    fig = Figure(figsize=(6 * len(factors), 4.5), layout="constrained")
+    for ax, factor in zip(np.atleast_1d(fig.subplots(1, len(factors))), factors):
+        for norm, line in rows[rows[factor] > 0].groupby("norm.name", sort=False):
+            line = line.sort_values(factor)
+            ax.errorbar(line[factor], line["best_test_acc_mean"], yerr=line["best_test_acc_std"], marker="o",
+                        capsize=3, label=files.NORM_NAMES.get(norm, str(norm)))
+        ax.set_xscale("log")
+        ax.set(xlabel=f"{factor} (log scale)", ylabel="best test accuracy (%)", title=f"Against {factor}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    fig.suptitle("Best test accuracy against the regularization factors (mean ± std over seeds)")
+    _save(fig, path)
+
+
+def plot_misclassified(job: Job) -> str | None:
+    """misclassified.png in the job folder: the test images the final model got wrong, 2 rows of 5. -> a problem to
+    report when its file is unreadable, else None."""
+    source = job.path / files.MISCLASSIFIED
+    if not source.exists():
+        return None
+    try:
+        data = json.loads(source.read_text())
+        items = data["items"]
+        class_names = data.get("class_names") or [str(i) for i in range(10)]
+        images = [np.asarray(item["image"], dtype=np.uint8) for item in items[:files.MISCLASSIFIED_SHOWN]]  # each (28, 28)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        return f"{source}: unreadable ({error!r}); no {files.MISCLASSIFIED_PNG}"
+    fig = Figure(figsize=(10, 5.2), layout="constrained")
+    for ax, item, image in zip(fig.subplots(2, -(-files.MISCLASSIFIED_SHOWN // 2)).ravel(), items, images):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        # two lines: one line overlaps the next panel's title for long class names ("Ankle boot")
+        ax.set_title(f"actual {class_names[item['actual']]}\npredicted {class_names[item['predicted']]}", fontsize=9)
+    for ax in fig.axes:
+        ax.axis("off")
+    fig.suptitle(data.get("label") or files.run_label(job.config["norm.name"], job.config["reg.name"]))
+    _save(fig, job.path / files.MISCLASSIFIED_PNG)
+    return None
