@@ -8,6 +8,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -20,14 +21,16 @@ pytestmark = pytest.mark.slow
 SLURM = ("hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1")
 SWEEP = ("norm=bn,gn", "reg=none", "epochs=1", "data.train_limit=256")
 # sbatch --time=1 --signal=USR2@20: slurmctld sends the signal at its first 30-s time-limit check with at most
-# 20 + 30 s left, so 10-40 s into each run; submitit then requeues the job, and it resumes from its checkpoint.
-# 50 s of training is more than one run gives (40 s less start-up), so it takes 2-3 runs (at most 9 here).
+# 20 + 30 s left, so 10-40 s into a run; submitit then requeues the job, and it resumes from its checkpoint.
+# 50 s of training is more than one run gives (40 s less start-up). A requeued run starts ~12 s after the signal
+# and is signalled at the next check, so it trains ~10-15 s: 4-5 runs in all, more on a busy machine.
 REQUEUE_TRAINING_S = 50
-REQUEUE_LIMITS = ("hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20", "hydra.launcher.max_num_timeout=8")
+REQUEUE_LIMITS = ("hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20",
+                  "hydra.launcher.max_num_timeout=10")
 
 
 @pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory) -> dict[str, str]:
+def slurm_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """The cluster, up for this module's tests; -> the environment (SLURM_CONF) that sweeps submit to it with."""
     reason = slurm_cluster.why_not_available()
     if reason:
