@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from normsweep import files
+import pytest
+
+from normsweep import files, train
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -57,3 +59,18 @@ def snapshot(job: Path) -> dict[str, tuple[bytes, int]]:
     """Content and modification time of a job's results: equal snapshots mean nothing was rewritten."""
     return {name: ((job / name).read_bytes(), (job / name).stat().st_mtime_ns)
             for name in (files.METRICS, files.CHECKPOINT, files.SUMMARY, files.CONFIG)}
+
+
+@pytest.fixture
+def killed_at_second_checkpoint(monkeypatch) -> Callable[[], None]:
+    """A job dies after logging epoch 2, before that epoch's checkpoint (its run then trains epoch 2 again from
+    epoch 1's state); -> the function that lets the next run save checkpoints again."""
+    save = train.save_checkpoint
+
+    def save_then_die_at_epoch_2(path, model, optimizer, scheduler, history):
+        if len(history) == 2:
+            raise RuntimeError("killed")
+        save(path, model, optimizer, scheduler, history)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die_at_epoch_2)
+    return lambda: monkeypatch.setattr(train, "save_checkpoint", save)

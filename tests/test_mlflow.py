@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from normsweep import files, train, tracking
+from normsweep import files, tracking
 from normsweep.config import Config, DataConfig, LoggerConfig, NormConfig, RegConfig, validate
 from normsweep.job import prepare_job, run_job
 from normsweep.train import hparams_of
@@ -62,18 +62,10 @@ def test_a_sweep_is_a_parent_run_with_a_child_run_per_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_the_same_run_and_a_skipped_job_logs_nothing(tmp_path, monkeypatch):
+def test_resume_continues_the_same_run_and_a_skipped_job_logs_nothing(tmp_path, killed_at_second_checkpoint):
     sweep = tmp_path / "sweep"
-    save = train.save_checkpoint
-
-    def save_then_die_at_epoch_2(path, model, optimizer, scheduler, history):
-        if len(history) == 2:
-            raise RuntimeError("killed")
-        save(path, model, optimizer, scheduler, history)
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die_at_epoch_2)
     assert run(sweep, "bn", config()) == files.STATUS_FAILED
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    killed_at_second_checkpoint()  # lifted
     assert run(sweep, "bn", config()) == files.STATUS_COMPLETED  # resumed from epoch 1's checkpoint
     client, runs = store(sweep)
     assert set(runs) == {"bn", "sweep"}  # the same run, not a second one

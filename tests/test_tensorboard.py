@@ -13,7 +13,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from normsweep import files, train
+from normsweep import files
 from normsweep.config import Config, DataConfig, LoggerConfig, NormConfig, RegConfig, validate
 from normsweep.files import read_jsonl
 from normsweep.job import run_job
@@ -54,19 +54,10 @@ def test_every_epoch_metric_is_a_scalar(tmp_path):
     assert scalars == expected_scalars(tmp_path)
 
 
-def test_resumed_job_shows_each_epoch_once(tmp_path, monkeypatch):
-    # Killed after logging epoch 2 but before its checkpoint: the rerun trains epoch 2 again from epoch 1's state.
-    save = train.save_checkpoint
-
-    def save_then_die_at_epoch_2(path, model, optimizer, scheduler, history):
-        if len(history) == 2:
-            raise RuntimeError("killed")
-        save(path, model, optimizer, scheduler, history)
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die_at_epoch_2)
+def test_resumed_job_shows_each_epoch_once(tmp_path, killed_at_second_checkpoint):
     assert run(tmp_path, config()) == files.STATUS_FAILED
     assert [step for step, _ in read_board(tmp_path)["test_acc"]] == [1, 2]
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    killed_at_second_checkpoint()  # lifted: the rerun resumes from epoch 1's checkpoint
     assert run(tmp_path, config()) == files.STATUS_COMPLETED
     assert len(list((tmp_path / files.TENSORBOARD_DIR / RUN_NAME).iterdir())) == 2  # one event file per writer
     assert read_board(tmp_path) == expected_scalars(tmp_path)  # epoch 2 once: the interrupted one was purged
