@@ -31,12 +31,7 @@ from normsweep.config import Config  # noqa: E402
 from normsweep.data import load_data, obtain_mnist  # noqa: E402
 from normsweep.model import build_model  # noqa: E402
 from normsweep.step import DeviceStep, JobContext, make_optimizer, make_scheduler  # noqa: E402
-from normsweep.train import DeviceData, keep_freed_memory, split_batches, train_one_epoch  # noqa: E402
-
-
-def drain(steps) -> None:
-    for _ in steps:
-        pass
+from normsweep.train import DeviceData, drain, keep_freed_memory, split_batches, train_one_epoch  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

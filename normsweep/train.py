@@ -170,7 +170,11 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, history: list[dict]
 
 def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> dict:
     """Train (or resume) the job in job_dir to its end; see training()."""
-    steps = training(cfg, job_dir, dataset, device)
+    return drain(training(cfg, job_dir, dataset, device))
+
+
+def drain(steps: Generator) -> object:
+    """Runs a step generator (training, an epoch) to its end; -> what it returns."""
     while True:
         try:
             next(steps)

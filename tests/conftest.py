@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
@@ -27,15 +27,6 @@ def run_py(*overrides: str, multirun: bool = True) -> list[str]:
 def run(*overrides: str, cwd: Path, multirun: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(run_py(*overrides, multirun=multirun), cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def drain(steps: Iterator) -> object:
-    """Runs a generator to its end; -> its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 def read_json(path: Path) -> dict:

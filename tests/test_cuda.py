@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from normsweep import files
-from conftest import REPO, drain
+from conftest import REPO
 from normsweep.config import Config, DataConfig, NormConfig, RegConfig
 from normsweep.data import load_data
 from normsweep.model import build_model
 from normsweep.step import DeviceStep, JobContext, make_optimizer, momentum_buffers
-from normsweep.train import DeviceData, fit, split_batches, training
+from normsweep.train import DeviceData, drain, fit, split_batches, training
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from conftest import drain
+
 from normsweep.config import Config, DataConfig, NormConfig, OptimConfig, RegConfig
 from normsweep.data import load_data
 from normsweep.model import Net
 from normsweep.step import (DeviceStep, JobContext, batch_sizes, make_optimizer, make_scheduler, momentum_buffers,
                             schedule_table, sgd_update)
-from normsweep.train import DeviceData, split_batches, train_one_epoch
+from normsweep.train import DeviceData, drain, split_batches, train_one_epoch
 
 
 @pytest.mark.parametrize("n, batch_size", [(200, 64), (129, 64), (130, 64), (64, 64), (50, 64), (3, 2), (1000, 7)])
