@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-
 from normsweep.config import Config, DataConfig, NormConfig, OptimConfig, RegConfig
 from normsweep.data import load_data
 from normsweep.model import Net
