@@ -149,10 +149,19 @@ class DeviceStep:
         return [*self.params, *self.model.buffers(), *self.buffers, self.step_count, self.position,
                 self.loss_sum, self.correct]
 
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of every tensor a step changes: weights, buffers, momentum, counters and sums."""
+        return [t.detach().clone() for t in self._state()]
+
+    @torch.no_grad()  # the weights are leaves that require grad: copying into them must not be recorded
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        for tensor, value in zip(self._state(), saved):
+            tensor.copy_(value)
+
     def _capture(self) -> None:
         """Warm up each step eagerly, capture it, then put back every tensor and the RNG as they were: neither the
         warm-up nor the capture trains. Both happen on a side stream, as PyTorch's CUDA-graph notes require."""
-        saved = [t.clone() for t in self._state()]
+        saved = self.snapshot()
         rng = torch.cuda.get_rng_state(self.order.device)
         current, side = torch.cuda.current_stream(), torch.cuda.Stream(self.order.device)
         side.wait_stream(current)
@@ -166,8 +175,7 @@ class DeviceStep:
                 with torch.cuda.graph(graph, stream=side):
                     self._step(size)
                 self.graphs[size] = graph
-            for tensor, value in zip(self._state(), saved):
-                tensor.copy_(value)
+            self.restore(saved)
         current.wait_stream(side)
         torch.cuda.set_rng_state(rng, self.order.device)
 

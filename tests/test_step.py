@@ -118,3 +118,16 @@ def test_job_context_keeps_each_jobs_random_stream_its_own():
                 taken[seed].append(torch.rand(3))
     for seed in (1, 2):
         assert all(torch.equal(a, b) for a, b in zip(taken[seed], alone[seed]))
+
+
+def test_restore_undoes_the_steps_taken_since_the_snapshot():
+    """What the capture does after its warm-up steps, on any device: every weight, buffer, momentum, counter and
+    sum is back where it was."""
+    cfg, data, model, optimizer, _, steps_per_epoch = _setup("bn", 32, 0.001, 0.002, 100)
+    step = DeviceStep(model, optimizer, data, cfg, steps_per_epoch, steps_done=0, capture=False)
+    saved = step.snapshot()
+    epoch = step.epoch()
+    next(epoch), next(epoch)
+    assert not all(torch.equal(a, b) for a, b in zip(step.snapshot(), saved))
+    step.restore(saved)
+    assert all(torch.equal(a, b) for a, b in zip(step.snapshot(), saved))
