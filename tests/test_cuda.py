@@ -47,29 +47,27 @@ def test_graph_replays_train_what_the_eager_device_step_trains(norm, l1, l2, tra
         results.append((metrics, copy.deepcopy(model.state_dict()), [b.clone() for b in momentum_buffers(optimizer)]))
     (eager_metrics, eager_state, eager_buffers), (graph_metrics, graph_state, graph_buffers) = results
     assert graph_metrics[0]["train_loss"] == pytest.approx(eager_metrics[0]["train_loss"], rel=1e-4)
-    for a, b in zip(graph_state.values(), eager_state.values()):
-        assert (a.double() - b.double()).abs().max() <= 1e-2 * b.double().abs().max() + 1e-6
+    # over the whole model: L1's sign(w) flips on weights near 0 where cuDNN's reductions round differently, so
+    # a small tensor's elements may part by more than its own 1 % (seen on an H100: 1.4e-4 on weights of 8e-3)
+    graph_weights, eager_weights = (flat(state.values()) for state in (graph_state, eager_state))
+    assert (graph_weights - eager_weights).norm() <= 1e-2 * eager_weights.norm()
+    assert (flat(graph_buffers) - flat(eager_buffers)).norm() <= 5e-2 * flat(eager_buffers).norm()
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.double().flatten() for t in tensors])
 
 
 def test_graph_memory_does_not_grow_per_epoch(tmp_path):
     cfg = Config(epochs=6, batch_size=64, data=DataConfig(name="fake", train_limit=1000, test_limit=200))
     dataset = load_data("fake", tmp_path, 1000, 200)
-    context = JobContext(CUDA)
-    steps = training(cfg, tmp_path, dataset, CUDA)
-    per_epoch = []
-    epochs_seen = 0
-    with context:
-        next(steps)
-    while True:
-        with context:
-            try:
-                next(steps)
-            except StopIteration:
-                break
-        done = len((tmp_path / files.METRICS).read_text().splitlines()) if (tmp_path / files.METRICS).exists() else 0
-        if done != epochs_seen:
-            epochs_seen = done
-            per_epoch.append(torch.cuda.memory_allocated())
+    per_epoch = []  # allocated after each epoch
+
+    def measure(_row: dict) -> None:
+        per_epoch.append(torch.cuda.memory_allocated())
+
+    with JobContext(CUDA):
+        drain(training(cfg, tmp_path, dataset, CUDA, on_epoch=measure))
     assert len(per_epoch) == 6
     assert per_epoch[-1] <= per_epoch[1]  # after the first epoch (capture, first eval), nothing accumulates
 
@@ -91,8 +89,9 @@ def test_checkpoint_resume_with_graphs_continues_the_run(tmp_path):
                     break  # "killed" after its first epoch's checkpoint
         return [json.loads(line) for line in (job_dir / files.METRICS).read_text().splitlines()]
 
+    for name in ("whole", "resumed"):
+        (tmp_path / name).mkdir()  # the launcher's job folder
     whole = run(tmp_path / "whole", 2)
-    (tmp_path / "resumed").mkdir()
     first = run(tmp_path / "resumed", 1)
     assert len(first) == 1
     resumed = run(tmp_path / "resumed", 2)
