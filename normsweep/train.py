@@ -218,7 +218,7 @@ def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device,
     set_up_process(cfg)
     run = build_run(cfg, dataset, device)
     checkpoint = job_dir / files.CHECKPOINT
-    history = resume(checkpoint, run.model, run.optimizer, run.scheduler, device)
+    history = resume(checkpoint, run.model, run.optimizer, run.scheduler)
     if history:
         files.write_jsonl(job_dir / files.METRICS, history)  # drop any epoch logged after the checkpoint
         log.info("resuming from the checkpoint after epoch %d of %d", len(history), cfg.epochs)
@@ -284,13 +284,15 @@ def record_epoch(job_dir: Path, run: Run, history: list[dict], board) -> None:
     save_checkpoint(job_dir / files.CHECKPOINT, run.model, run.optimizer, run.scheduler, history)
 
 
-def resume(checkpoint: Path, model: Net, optimizer, scheduler, device: torch.device) -> list[dict]:
+def resume(checkpoint: Path, model: Net, optimizer, scheduler) -> list[dict]:
     """Loads the checkpoint, if there is one, into the model, optimizer, scheduler and RNG; -> the epochs it holds."""
     if not checkpoint.exists():
         return []
     fix = "delete it to restart this job from epoch 1"
     try:
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        # onto the CPU: torch.set_rng_state takes CPU tensors only, and load_state_dict moves the weights and the
+        # momentum onto the model's device
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{checkpoint}: unreadable ({type(e).__name__}); {fix}") from None
     try:
