@@ -18,9 +18,11 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# the edit-test loop: everything but the end-to-end sweeps in subprocesses (marked slow)
+# the edit-test loop: everything but the end-to-end sweeps in subprocesses (marked slow), one worker per core,
+# with bytecode caches written (some containers set PYTHONDONTWRITEBYTECODE): each worker then skips recompiling
+# and pytest's assertion rewriting of every test module
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -m "not slow" -n auto --dist loadgroup
 
 data: $(STAMP)
 	$(PY) -c "from normsweep.data import obtain_mnist; print(obtain_mnist('$(DATA_ROOT)'))"

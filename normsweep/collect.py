@@ -17,7 +17,6 @@ import pandas as pd
 import yaml
 
 from normsweep import files, stats
-from normsweep.plots import FACTOR_PLOT_MIN, plot_batch_size, plot_curves, plot_factors, plot_misclassified
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +203,9 @@ def _follows_batch_size(rows: pd.DataFrame, key: str) -> bool:
     return bool((rows.groupby("batch_size")[key].agg(lambda s: s.map(_plain).nunique()) <= 1).all())
 
 
-def collect(dirs: list[Path], baseline: str | None = None) -> Report:
-    """Read every run folder under dirs; write results.md, results.csv and the plots into dirs[0]. The differences
-    in results.md are against the row named `baseline` (default: the first row).
+def collect(dirs: list[Path], baseline: str | None = None, plots: bool = True) -> Report:
+    """Read every run folder under dirs; write results.md, results.csv and (unless plots is False) the plots into
+    dirs[0]. The differences in results.md are against the row named `baseline` (default: the first row).
 
     Raises NoRunsError or stats.BaselineError (and writes nothing) when there is no run folder with a readable
     config, or no row of that name."""
@@ -218,12 +217,13 @@ def collect(dirs: list[Path], baseline: str | None = None) -> Report:
     lock = files.FolderLock(dirs[0], files.COLLECT_LOCK)
     lock.acquire(wait=True)  # one collector at a time writes into the folder (two sweeps may end together)
     try:
-        return _write(dirs[0], job_dirs, jobs, problems, baseline)
+        return _write(dirs[0], job_dirs, jobs, problems, baseline, plots)
     finally:
         lock.release()
 
 
-def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[str], baseline: str | None) -> Report:
+def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[str], baseline: str | None,
+           plots: bool) -> Report:
     all_keys = dict.fromkeys(k for job in jobs for k in job.config)  # config order, first seen first
     extra_keys = [k for k in all_keys if k not in ROW_KEYS and k != "seed" and not files.is_runtime_key(k)
                   and len({job.config.get(k) for job in jobs}) > 1]
@@ -235,6 +235,18 @@ def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[
     rows = stats.add_intervals(pd.DataFrame([_row(key, keys, group) for key, group in ordered]), VALUE_NAMES)
     markdown = _markdown(rows, extra_keys) + stats.differences_markdown(rows, _names(rows, keys[2:]), baseline)
     _write_tables(out_dir, rows, markdown)
+    if plots:
+        _plot(out_dir, rows, keys, ordered, jobs, problems)
+    unfinished = len(job_dirs) - sum(job.status == files.STATUS_COMPLETED for job in jobs)
+    running = sum(job.status == files.STATUS_RUNNING for job in jobs)
+    return Report(rows, markdown, out_dir, unfinished, problems, running)
+
+
+def _plot(out_dir: Path, rows: pd.DataFrame, keys: list[str], ordered: list[tuple[tuple, list[Job]]], jobs: list[Job],
+          problems: list[str]) -> None:
+    # imported here: matplotlib is slow to load, and --no-plots and --from-csv never draw
+    from normsweep.plots import FACTOR_PLOT_MIN, plot_batch_size, plot_curves, plot_factors, plot_misclassified
+
     plot_curves(_names(rows, keys[2:]), [group for _, group in ordered], out_dir / files.CURVES_PNG)
     if rows["batch_size"].nunique() > 1:
         # one line per setting other than the batch size and what follows it (a learning rate scaled with it)
@@ -257,9 +269,6 @@ def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[
             tracking.log_collected(out_dir, [job.path for job in jobs])
         except Exception as error:  # noqa: BLE001 - the table stands; say why MLflow did not get the plots
             _warn(problems, f"MLflow: plots not logged ({type(error).__name__}: {error})")
-    unfinished = len(job_dirs) - sum(job.status == files.STATUS_COMPLETED for job in jobs)
-    running = sum(job.status == files.STATUS_RUNNING for job in jobs)
-    return Report(rows, markdown, out_dir, unfinished, problems, running)
 
 
 def _write_tables(out_dir: Path, rows: pd.DataFrame, markdown: str) -> None:
@@ -294,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sweep or run folders, searched recursively; results go into the first")
     parser.add_argument("--baseline", metavar="ROW", help="the row the differences table compares every row with, "
                         "by its name in the table (default: the first row)")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only (much faster on a large "
+                        "sweep); plots of an earlier collection stay as they were")
     parser.add_argument("--from-csv", type=Path, metavar="RESULTS_CSV", help="rebuild results.md beside this "
                         "results.csv from its means, stds and seed counts (no job folders needed)")
     try:
@@ -322,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("not a directory: %s", ", ".join(map(str, missing)))
             return 2
         try:
-            report = collect(args.dirs, args.baseline)
+            report = collect(args.dirs, args.baseline, plots=not args.no_plots)
         except (NoRunsError, stats.BaselineError) as error:
             log.error("%s", error)
             return 2

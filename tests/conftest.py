@@ -10,7 +10,7 @@ from typing import Callable
 
 import pytest
 
-from normsweep import files, train
+from normsweep import files  # not train: torch would load in pytest's controller too, before xdist's workers start
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,6 +56,8 @@ def snapshot(job: Path) -> dict[str, tuple[bytes, int]]:
 def killed_at_second_checkpoint(monkeypatch) -> Callable[[], None]:
     """A job dies after logging epoch 2, before that epoch's checkpoint (its run then trains epoch 2 again from
     epoch 1's state); -> the function that lets the next run save checkpoints again."""
+    from normsweep import train
+
     save = train.save_checkpoint
 
     def save_then_die_at_epoch_2(path, model, optimizer, scheduler, history):

@@ -100,7 +100,8 @@ def table_column(markdown: str, heading: str) -> list[str]:
 
 def test_seeds_merge_into_rows_with_mean_and_std(tmp_path, capsys):
     make_two_configs(tmp_path)
-    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path), "--no-plots"]) == 0
+    assert not list(tmp_path.rglob("*.png"))
     markdown = (tmp_path / files.RESULTS_MD).read_text()
     assert markdown.startswith(EXPECTED_TABLE) and EXPECTED_DIFFERENCES in markdown
     assert EXPECTED_TABLE in capsys.readouterr().out
@@ -111,7 +112,6 @@ def test_seeds_merge_into_rows_with_mean_and_std(tmp_path, capsys):
     assert csv["best_test_acc_std"].tolist() == pytest.approx([0.1, 0.02 ** 0.5])
     assert csv["best_test_loss_mean"].tolist() == pytest.approx([0.021, 0.031])
     assert csv["reg.l1"].tolist() == pytest.approx([0.0, 0.001])
-    assert not (tmp_path / files.BATCH_SIZE_PNG).exists()  # one batch size: nothing to plot against
 
 
 def test_mixed_statuses_keep_their_row(tmp_path):
@@ -119,7 +119,7 @@ def test_mixed_statuses_keep_their_row(tmp_path):
     make_job(tmp_path, "failed", [(0.3, 96.0, 0.03, 97.0)] * 3, status="failed", seed=2)
     make_job(tmp_path, "killed", [(0.3, 95.0, 0.03, 99.0), (0.3, 95.0, 0.02, 96.0)], status=None, seed=3)
     make_job(tmp_path, "crashed", [], status="diverged", write_metrics=False, norm__name="ln")
-    report = collect([tmp_path])
+    report = collect([tmp_path], plots=False)
     assert table_column(report.markdown, "Status") == ["1 completed, 1 failed, 1 unfinished", "1 diverged"]
     assert table_column(report.markdown, "Epochs") == ["2–4", "0"]
     # The killed job's values come from its metrics: best test 99.0, final 96.0, best loss 0.02.
@@ -127,13 +127,13 @@ def test_mixed_statuses_keep_their_row(tmp_path):
     assert table_column(report.markdown, "Final Test Accuracy") == ["97.00 ± 1.00", "n/a"]
     assert table_column(report.markdown, "Best Test Loss")[0] == "0.0267 ± 0.0058"
     assert report.unfinished_jobs == 3
-    assert main([str(tmp_path)]) == 1
+    assert main([str(tmp_path), "--no-plots"]) == 1
 
 
 def test_summary_without_metrics_still_gives_its_row(tmp_path):
     job = make_job(tmp_path, "a", [(0.3, 97.0, 0.03, 98.0)], write_metrics=False)
     assert not (job / files.METRICS).exists()
-    report = collect([tmp_path])
+    report = collect([tmp_path], plots=False)
     assert table_column(report.markdown, "Best Test Accuracy") == ["98.00 ± 0.00"]
     assert table_column(report.markdown, "Status") == ["completed"]
     assert report.unfinished_jobs == 0
@@ -144,7 +144,7 @@ def test_varying_extra_keys_get_columns_and_separate_rows(tmp_path):
     make_job(tmp_path, "a", [epoch], epochs=1, seed=1, data__root="/elsewhere", device="cuda")
     make_job(tmp_path, "b", [epoch, epoch], epochs=2, seed=2)
     make_job(tmp_path, "c", [epoch, epoch], epochs=2, seed=3, dropout=0.25)
-    report = collect([tmp_path])
+    report = collect([tmp_path], plots=False)
     header = [cell.strip() for cell in report.markdown.splitlines()[0].strip("|").split("|")]
     assert header[-3:] == ["Status", "epochs", "dropout"]  # not seed, data.root or device
     assert table_column(report.markdown, "epochs") == ["1", "2", "2"]
@@ -217,12 +217,12 @@ def test_a_job_another_process_holds_shows_as_running(tmp_path):
     lock = files.FolderLock(busy)
     assert lock.acquire()
     try:
-        report = collect([tmp_path])
+        report = collect([tmp_path], plots=False)
     finally:
         lock.release()
     assert table_column(report.markdown, "Status") == ["completed", "1 running"]
     assert report.running_jobs == 1
-    assert table_column(collect([tmp_path]).markdown, "Status") == ["completed", "1 unfinished"]  # lock released
+    assert table_column(collect([tmp_path], plots=False).markdown, "Status") == ["completed", "1 unfinished"]
 
 
 def test_plots_are_written(tmp_path):
@@ -234,6 +234,7 @@ def test_plots_are_written(tmp_path):
         {"label": "BatchNorm", "class_names": [str(i) for i in range(10)], "items": items}))
     collect([tmp_path])
     assert (tmp_path / files.CURVES_PNG).read_bytes().startswith(PNG_MAGIC)
+    assert not (tmp_path / files.BATCH_SIZE_PNG).exists()  # one batch size: nothing to plot against
     assert (job / files.MISCLASSIFIED_PNG).read_bytes().startswith(PNG_MAGIC)
     assert not (tmp_path / "b" / files.MISCLASSIFIED_PNG).exists()  # no json, no plot
     fig = plot_curves(["BatchNorm"], [[read_job(tmp_path / name, []) for name in "abc"]], tmp_path / "c.png")
@@ -256,7 +257,7 @@ def test_plots_are_written(tmp_path):
 def test_results_go_into_the_first_of_several_dirs(tmp_path):
     make_job(tmp_path / "sweep1", "a", [(0.3, 97.0, 0.03, 98.0)], seed=1)
     make_job(tmp_path / "sweep2", "a", [(0.3, 97.0, 0.03, 96.0)], seed=2)
-    report = collect([tmp_path / "sweep1", tmp_path / "sweep2"])
+    report = collect([tmp_path / "sweep1", tmp_path / "sweep2"], plots=False)
     assert report.out_dir == tmp_path / "sweep1" and (tmp_path / "sweep1" / files.RESULTS_MD).exists()
     assert table_column(report.markdown, "Best Test Accuracy") == ["97.00 ± 1.41"]
 
@@ -284,7 +285,7 @@ def test_intervals_and_tests_agree_with_an_independent_computation(tmp_path):
         make_job(tmp_path, name, [(0.3, 97.0, 0.02 + acc / 1e4, acc)], seed=seed)
     for seed, (name, acc) in enumerate(other.items(), start=1):
         make_job(tmp_path, name, [(0.3, 97.0, 0.03 + acc / 1e4, acc)], seed=seed, norm__name="ln")
-    report = collect([tmp_path], baseline="BatchNorm")
+    report = collect([tmp_path], baseline="BatchNorm", plots=False)
     values = {label: [json.loads((tmp_path / n / files.SUMMARY).read_text())["best_test_acc"] for n in names]
               for label, names in (("BatchNorm", base), ("LayerNorm", other))}
     for label, sample in values.items():
@@ -303,7 +304,7 @@ def test_intervals_and_tests_agree_with_an_independent_computation(tmp_path):
 
 def test_baseline_is_chosen_by_name_and_a_wrong_one_lists_the_rows(tmp_path, capsys):
     make_two_configs(tmp_path)
-    assert main([str(tmp_path), "--baseline", "GroupNorm with L1"]) == 0
+    assert main([str(tmp_path), "--baseline", "GroupNorm with L1", "--no-plots"]) == 0
     markdown = (tmp_path / files.RESULTS_MD).read_text()
     assert "## Differences against the baseline: GroupNorm with L1" in markdown
     assert "| BatchNorm         | 3 / 2 | +0.40 [−0.20, +1.00]" in markdown
@@ -317,7 +318,7 @@ def test_baseline_is_chosen_by_name_and_a_wrong_one_lists_the_rows(tmp_path, cap
 
 def test_tables_rebuild_from_a_results_csv_alone(tmp_path):
     make_two_configs(tmp_path)
-    assert main([str(tmp_path)]) == 0
+    assert main([str(tmp_path), "--no-plots"]) == 0
     from_folders = (tmp_path / files.RESULTS_MD).read_text()
     csv_columns = list(pd.read_csv(tmp_path / files.RESULTS_CSV).columns)
     assert csv_columns[csv_columns.index("best_test_acc_std") + 1] == "best_test_acc_ci95"

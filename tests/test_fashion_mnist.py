@@ -7,7 +7,9 @@ import gzip
 import hashlib
 import logging
 import struct
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,8 +125,6 @@ def test_nowhere_names_every_way_to_get_it(tmp_path, system_dir):
 
 
 def test_download_asks_torchvision_for_fashion_mnist(tmp_path, monkeypatch):
-    import torchvision
-
     calls = []
 
     class FakeFashionMNIST:
@@ -133,7 +133,9 @@ def test_download_asks_torchvision_for_fashion_mnist(tmp_path, monkeypatch):
             write_set(Path(root) / "FashionMNIST" / "raw", tiny_set(2), gz=False)
 
     md5 = {name: hashlib.md5(idx_bytes(a)).hexdigest() for name, a in zip(NAMES, tiny_set(2))}
-    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
+    # the loader imports torchvision when it downloads: it gets this stand-in (importing the real one takes 2 s)
+    torchvision = SimpleNamespace(datasets=SimpleNamespace(FashionMNIST=FakeFashionMNIST))
+    monkeypatch.setitem(sys.modules, "torchvision", torchvision)
     monkeypatch.setattr(data, "_FASHION_MNIST",
                         dataclasses.replace(data._FASHION_MNIST, md5=md5, system_dir=tmp_path / "no-package"))
     assert_is(data.load_data("fashion_mnist", tmp_path / "data"), tiny_set(2))

@@ -2,6 +2,7 @@
 per-epoch metrics, tags and artifacts; a resumed job continues its run; a skipped job logs nothing."""
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from normsweep.config import Config, DataConfig, LoggerConfig, NormConfig, RegCo
 from normsweep.job import prepare_job, run_job
 from normsweep.train import hparams_of
 
-mlflow = pytest.importorskip("mlflow")  # the optional extra: make test installs it
+# the optional extra (make test installs it); found, not imported: importing it costs 2 s of every test collection
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs mlflow")
 
 
 def config(**overrides) -> Config:
@@ -29,6 +31,8 @@ def run(sweep: Path, name: str, cfg: Config) -> str:
 
 
 def store(sweep: Path):
+    import mlflow
+
     client = mlflow.MlflowClient(tracking_uri=tracking.default_uri(sweep))
     experiment = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
     runs = {run.info.run_name: run for run in client.search_runs([experiment])}

@@ -14,17 +14,19 @@ from normsweep.model import Net
 from normsweep.train import add_l1_grad, fit, split_batches
 
 
-def short_run(tmp_path, **overrides) -> list[dict]:
-    cfg = Config(epochs=2, threads=1, data=DataConfig(name="fake"), **overrides)
+def short_run(tmp_path, epochs: int = 2, **overrides) -> list[dict]:
+    cfg = Config(epochs=epochs, threads=1, data=DataConfig(name="fake"), **overrides)
     fit(cfg, tmp_path, load_data("fake", tmp_path), torch.device("cpu"))
     return read_jsonl(tmp_path / METRICS)
 
 
+# its tests on one xdist worker (make test-fast's --dist loadgroup), so that this run is trained once, not per worker
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> list[dict]:
     return short_run(tmp_path_factory.mktemp("plain"))
 
 
+@pytest.mark.xdist_group("plain_run")
 def test_short_run_learns_well_above_chance(plain_run):
     history = plain_run
     assert [row["epoch"] for row in history] == [1, 2]
@@ -32,11 +34,12 @@ def test_short_run_learns_well_above_chance(plain_run):
     assert history[-1]["test_loss"] < history[0]["test_loss"] < math.log(10)
 
 
+@pytest.mark.xdist_group("plain_run")
 @pytest.mark.parametrize("reg", [None, RegConfig(name="l1l2", l1=0.001, l2=0.002)])
 def test_loss_floor_every_epoch(tmp_path, plain_run, reg):
     """Each wrong answer costs at least ln 2 of NLL (its true class has probability <= 1/2), so the mean test loss
     can never be below (error rate) * ln 2. The reference's 0.0024 at 99.50 % breaks this; ours must not."""
-    for row in plain_run if reg is None else short_run(tmp_path, reg=reg):
+    for row in plain_run if reg is None else short_run(tmp_path, epochs=1, reg=reg):
         assert row["test_loss"] >= (1 - row["test_acc"] / 100) * math.log(2)
 
 
