@@ -237,6 +237,13 @@ def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[
     _write_tables(out_dir, rows, markdown)
     if plots:
         _plot(out_dir, rows, keys, ordered, jobs, problems)
+    if any((job.path / files.MLFLOW_RUN).exists() for job in jobs):  # logger=mlflow: the table and plots go there too
+        try:
+            from normsweep import tracking
+
+            tracking.log_collected(out_dir, [job.path for job in jobs])
+        except Exception as error:  # noqa: BLE001 - the table stands; say why MLflow did not get it
+            _warn(problems, f"MLflow: results not logged ({type(error).__name__}: {error})")
     unfinished = len(job_dirs) - sum(job.status == files.STATUS_COMPLETED for job in jobs)
     running = sum(job.status == files.STATUS_RUNNING for job in jobs)
     return Report(rows, markdown, out_dir, unfinished, problems, running)
@@ -262,13 +269,6 @@ def _plot(out_dir: Path, rows: pd.DataFrame, keys: list[str], ordered: list[tupl
                 _warn(problems, problem)
         except OSError as error:  # e.g. a folder where misclassified.png should be: the table stands
             _warn(problems, f"{job.path / files.MISCLASSIFIED_PNG}: not written ({error})")
-    if any((job.path / files.MLFLOW_RUN).exists() for job in jobs):  # logger=mlflow: the plots go there too
-        try:
-            from normsweep import tracking
-
-            tracking.log_collected(out_dir, [job.path for job in jobs])
-        except Exception as error:  # noqa: BLE001 - the table stands; say why MLflow did not get the plots
-            _warn(problems, f"MLflow: plots not logged ({type(error).__name__}: {error})")
 
 
 def _write_tables(out_dir: Path, rows: pd.DataFrame, markdown: str) -> None:
