@@ -133,7 +133,7 @@ def test_download_asks_torchvision_for_fashion_mnist(tmp_path, monkeypatch):
             write_set(Path(root) / "FashionMNIST" / "raw", tiny_set(2), gz=False)
 
     md5 = {name: hashlib.md5(idx_bytes(a)).hexdigest() for name, a in zip(NAMES, tiny_set(2))}
-    # the loader imports torchvision when it downloads: it gets this stand-in (importing the real one takes 2 s)
+    # the loader imports torchvision when it downloads: it gets this stand-in (the real one is slow to import)
     torchvision = SimpleNamespace(datasets=SimpleNamespace(FashionMNIST=FakeFashionMNIST))
     monkeypatch.setitem(sys.modules, "torchvision", torchvision)
     monkeypatch.setattr(data, "_FASHION_MNIST",

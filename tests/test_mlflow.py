@@ -14,7 +14,7 @@ from normsweep.config import Config, DataConfig, LoggerConfig, NormConfig, RegCo
 from normsweep.job import prepare_job, run_job
 from normsweep.train import hparams_of
 
-# the optional extra (make test installs it); found, not imported: importing it costs 2 s of every test collection
+# the optional extra (make test installs it); found, not imported: its slow import would run in every collection
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs mlflow")
 
 
