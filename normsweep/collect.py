@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 ROW_KEYS = ("norm.name", "reg.name", "batch_size", "reg.l1", "reg.l2")  # always define a row, own columns
 # Settings that do not change what is measured: runs differing only in these share a row (seeds are averaged).
-VALUE_NAMES = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc")
+VALUE_NAMES = files.JOB_METRICS
 STATUS_UNFINISHED = "unfinished"  # no summary.json and no process holding its lock: killed
 STATUS_UNREADABLE = "unreadable"  # a file of the job is corrupt: "unreadable: <file>"
 STATUS_ORDER = (files.STATUS_COMPLETED, files.STATUS_FAILED, files.STATUS_DIVERGED, files.STATUS_RUNNING,

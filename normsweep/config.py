@@ -30,14 +30,15 @@ def _choice(name: str, values) -> type[Choice]:
 
 
 # Each list has one owner: the norms are the model's layer table (labels in files.NORM_NAMES, checked in model.py),
-# the regularizers the table's row labels; the rest are listed here.
+# the regularizers the table's row labels, the objectives the metrics a job's summary holds; the rest are listed
+# here.
 NormName = _choice("NormName", NORM_LAYERS)
 RegName = _choice("RegName", files.REG_SUFFIXES)
 DataName = _choice("DataName", ("mnist", "fashion_mnist", "fake"))  # data.DATASETS, which a test pins to this
 Device = _choice("Device", ("auto", "cpu", "cuda"))
 Precision = _choice("Precision", ("fp32", "bf16"))
 Logger = _choice("Logger", ("none", "tensorboard", "mlflow"))
-Objective = _choice("Objective", ("best_test_acc", "best_test_loss", "final_test_acc", "best_train_acc"))
+Objective = _choice("Objective", files.JOB_METRICS)
 
 
 def objective_direction(objective: str) -> str:

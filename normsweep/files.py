@@ -61,8 +61,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+JOB_METRICS = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc")  # summarize()'s keys
+
+
 def summarize(history: list[dict]) -> dict[str, float | None]:
-    """The four numbers a job is judged by, from its per-epoch rows (None where no epoch has the value)."""
+    """The four numbers a job is judged by (JOB_METRICS), from its per-epoch rows (None where no epoch has the
+    value)."""
     def values(key: str) -> list[float]:
         return [row[key] for row in history if isinstance(row.get(key), (int, float))]
 

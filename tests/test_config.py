@@ -51,6 +51,7 @@ def test_each_list_of_names_has_one_owner():
     assert [n.value for n in NormName] == list(model.NORM_LAYERS) and set(model.NORM_LAYERS) == set(files.NORM_NAMES)
     assert [r.value for r in RegName] == list(files.REG_SUFFIXES)
     assert {d.value for d in DataName} == set(data.DATASETS)
+    assert tuple(files.summarize([])) == files.JOB_METRICS  # the objectives and the table's values derive from it
     assert {p.stem for p in (ROOT / "conf" / "norm").glob("*.yaml")} == set(model.NORM_LAYERS)
     assert {p.stem for p in (ROOT / "conf" / "reg").glob("*.yaml")} == set(files.REG_SUFFIXES)
     # Hydra keeps the runtime keys out of folder names; the same keys are ignored when deciding "same job"
