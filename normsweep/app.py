@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from normsweep import files, tracking
+from normsweep import files
 from normsweep.config import Config
 from normsweep.data import DataError
 from normsweep.job import JobRun, prepare_job
@@ -107,8 +107,6 @@ def prepare(cfg: DictConfig) -> JobRun | str:
         cfg.data.root = hydra.utils.to_absolute_path(cfg.data.root)  # Hydra may run jobs from other folders
         cfg.threads = threads_per_job(cfg.threads, hydra_cfg.launcher)
         sweep_dir = job_dir.parent if hydra_cfg.mode == RunMode.MULTIRUN else job_dir
-        if cfg.logger.name == "mlflow" and cfg.logger.tracking_uri is None:
-            cfg.logger.tracking_uri = tracking.default_uri(sweep_dir)
         resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # as config.yaml will hold it
         return prepare_job(OmegaConf.to_object(cfg), resolved, job_dir, job_command(hydra_cfg), sweep_dir)
     except (ValueError, DataError) as e:

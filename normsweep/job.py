@@ -2,6 +2,7 @@
 checkpoint when it was interrupted, start it afresh when its config changed; always end with summary.json."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -82,8 +83,13 @@ def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None 
     (default: the job folder's parent), where logger=mlflow keeps its store and parent run."""
     validate(cfg)
     device = resolve_device(cfg.device)
+    sweep_dir = sweep_dir or job_dir.parent
     if cfg.logger.name == "mlflow":
-        tracking.check_reachable(cfg.logger.tracking_uri or "")
+        if cfg.logger.tracking_uri is None:  # the local store, named in the job's config.yaml too
+            uri = tracking.default_uri(sweep_dir)
+            cfg = dataclasses.replace(cfg, logger=dataclasses.replace(cfg.logger, tracking_uri=uri))
+            resolved = {**resolved, "logger": {**resolved["logger"], "tracking_uri": uri}}
+        tracking.check_reachable(cfg.logger.tracking_uri)
     for name in (files.CONFIG, *RESULT_FILES):
         if (job_dir / name).is_dir():
             raise ValueError(f"{job_dir / name} is a folder where normsweep writes a file: move it away and rerun")
@@ -99,7 +105,7 @@ def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None 
             return files.STATUS_COMPLETED
         data = load_data(cfg.data.name, cfg.data.root, cfg.data.train_limit, cfg.data.test_limit)
         _start_or_resume(job_dir, resolved)
-        return JobRun(cfg, job_dir, data, device, command or shlex.join(sys.argv), lock, sweep_dir or job_dir.parent)
+        return JobRun(cfg, job_dir, data, device, command or shlex.join(sys.argv), lock, sweep_dir)
     except BaseException:
         lock.release()
         raise
@@ -206,7 +212,7 @@ class JobRun:
     def _open_tracker(self) -> "tracking.JobTracker | None":
         if self.cfg.logger.name != "mlflow":
             return None
-        uri = self.cfg.logger.tracking_uri or tracking.default_uri(self.sweep_dir)
-        return tracking.JobTracker(uri, self.job_dir, self.sweep_dir, self.job_dir.name, hparams_of(self.cfg),
+        return tracking.JobTracker(self.cfg.logger.tracking_uri, self.job_dir, self.sweep_dir, self.job_dir.name,
+                                   hparams_of(self.cfg),
                                    {"normsweep.git_commit": str(CODE_VERSION["git_commit"]),
                                     "normsweep.command": self.command[:5000]})
