@@ -25,7 +25,17 @@ test-fast: $(STAMP)
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -m "not slow" -n auto --dist loadgroup
 
 data: $(STAMP)
-	$(PY) -c "from normsweep.data import obtain_mnist; print(obtain_mnist('$(DATA_ROOT)'))"
+	$(PY) -c "import logging; logging.basicConfig(level=logging.INFO, format='%(message)s'); \
+		from normsweep.data import obtain_mnist; obtain_mnist('$(DATA_ROOT)')"  # one line: where the files came from
+
+# A fixed folder, so that a second `make sweep` (after Ctrl-C, a reboot) resumes the first: completed jobs are
+# skipped, interrupted ones resume from their last epoch. `make sweep SWEEP=outputs/sweeps/other` starts another.
+SWEEP ?= outputs/sweeps/first
+# The fastest launcher for this machine (benchmarks/speed.py --sweep measures them): one process for all six jobs on
+# a CUDA GPU; else joblib, one single-threaded job per core (up to the six jobs), which beat one job at a time with
+# every thread on 2 cores, idle and busy alike (README, "Speed").
+LAUNCHER ?= $(shell $(PY) -c "import os, torch; print('hydra/launcher=gpu' if torch.cuda.is_available() else \
+	f'hydra/launcher=joblib hydra.launcher.n_jobs={min(6, len(os.sched_getaffinity(0)))}')")
 
 sweep: data
-	$(PY) run.py -m norm=bn,gn,ln reg=l1,l2 data.root=$(DATA_ROOT)
+	$(PY) run.py -m norm=bn,gn,ln reg=l1,l2 data.root=$(DATA_ROOT) hydra.sweep.dir=$(SWEEP) $(LAUNCHER)

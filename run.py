@@ -15,4 +15,4 @@ def main(cfg: DictConfig) -> str:
 
 if __name__ == "__main__":
     app.let_job_processes_import_normsweep()
-    main()
+    app.cli(main)

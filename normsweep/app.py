@@ -6,13 +6,18 @@ import difflib
 import json
 import logging
 import os
+import re
 import shlex
-import shutil
+import signal
 import sys
+import time
 from pathlib import Path
+from typing import Callable, NoReturn
 
 import hydra
+from hydra.core.config_loader import ConfigLoader
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -20,21 +25,36 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from normsweep import files
 from normsweep.config import Config
 from normsweep.data import DataError
-from normsweep.job import JobRun, prepare_job
+from normsweep.job import JobRun, check_job, prepare_job, same_job
 from normsweep.train import cores_given
 
 RUN_PY = files.CHECKOUT / "run.py"
+CONF_DIR = files.CHECKOUT / "conf"
+MULTIRUN_YAML = "multirun.yaml"  # Hydra writes it into the sweep folder
+# Taken when this module loads, before Hydra writes a job's files: a file older than this is not this run's to remove
+# (a second back: the file system's clock is coarser than time.time()).
+STARTED = time.time() - 1.0
 log = logging.getLogger(__name__)
 
 
-def remove_if_empty_result(job_dir: Path, mode: RunMode) -> None:
-    """Bad input leaves no folder that looks like a result: Hydra made the job folder before we could check."""
-    if (job_dir / files.CONFIG).exists():
-        return  # an earlier run's results: keep them
-    shutil.rmtree(job_dir, ignore_errors=True)
-    sweep_dir = job_dir.parent
-    if mode == RunMode.MULTIRUN and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
-        shutil.rmtree(sweep_dir, ignore_errors=True)
+def remove_what_hydra_made(hydra_cfg: DictConfig) -> None:
+    """Bad input found after Hydra made the job folder: take back Hydra's files (the .hydra snapshot, the job's log,
+    a sweep's multirun.yaml) and the folders it made, and only those. files.remove_created keeps everything when a
+    folder holds anything else, so a user's folder (hydra.run.dir=.) and an earlier run's results always stay."""
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    own = [f"{hydra_cfg.job.name}.log", files.LOCK]  # the lock: prepare_job may have taken it before refusing
+    if hydra_cfg.output_subdir is not None:
+        own += [f"{hydra_cfg.output_subdir}/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        files.remove_created(job_dir, own, STARTED)
+        return
+    sweep_dir = Path(hydra.utils.to_absolute_path(str(hydra_cfg.sweep.dir)))
+    if sweep_dir == job_dir:  # hydra.sweep.subdir=.
+        files.remove_created(job_dir, [*own, MULTIRUN_YAML], STARTED)
+        return
+    files.remove_created(job_dir, own, STARTED)
+    if sweep_dir in job_dir.parents:  # never a folder above the sweep's
+        files.remove_created(sweep_dir, [MULTIRUN_YAML], STARTED)
 
 
 def threads_per_job(threads: int, launcher: DictConfig) -> int:
@@ -58,17 +78,47 @@ def threads_per_job(threads: int, launcher: DictConfig) -> int:
     return max(1, cores // jobs)
 
 
+def hydra_quote(value: str) -> str:
+    """value as one token of Hydra's override grammar: quoted when it holds anything the grammar treats specially
+    (`,` makes a sweep, `=` `'` `$` `[` ...), with the escapes Hydra's parser undoes (backslashes before a quote or
+    at the end, the quote itself, `${` that would interpolate)."""
+    if re.fullmatch(r"[\w/.+\-~@%]*", value):
+        return value
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+    return "'" + escaped.replace("${", "\\${") + "'"
+
+
+def config_source_args(hydra_cfg: DictConfig) -> list[str]:
+    """--config-path / --config-dir / --config-name of this job's config, when they are not run.py's own."""
+    args = []
+    for source in hydra_cfg.runtime.config_sources:
+        path = str(source.path)
+        if source.schema != "file":
+            continue
+        if source.provider == "main" and Path(path).resolve() != CONF_DIR:
+            args += ["--config-path", str(Path(path).resolve())]
+        elif source.provider == "command-line":
+            args += ["--config-dir", str(Path(path).resolve())]
+    if hydra_cfg.job.config_name != "config":
+        args += ["--config-name", str(hydra_cfg.job.config_name)]
+    return args
+
+
 def job_command(hydra_cfg: DictConfig) -> str:
-    """The command line that reruns exactly this job into its own folder, whatever launched it (a sweep's command
-    would rerun the whole sweep; a submitit job's process is `python -m submitit.core._submit ...`)."""
+    """The command line that reruns exactly this job into its own folder, whatever launched it and from any folder:
+    its config source (--config-dir, --config-path, --config-name), its overrides, its folder, and never the
+    sweeper (a search trial's command reruns that trial; a sweep's command would rerun the whole sweep; a submitit
+    job's process is `python -m submitit.core._submit ...`)."""
     if hydra_cfg.mode == RunMode.MULTIRUN:
         mode, dir_key, folder = ["-m"], "hydra.sweep.dir", hydra_cfg.sweep.dir
     else:
         mode, dir_key, folder = [], "hydra.run.dir", hydra_cfg.runtime.output_dir
     hydra_overrides = [o for o in hydra_cfg.overrides.hydra
-                       if not o.startswith(("hydra.mode=", f"{dir_key}="))]  # hydra.mode=MULTIRUN is the -m
-    folder_override = f"{dir_key}={Path(hydra.utils.to_absolute_path(str(folder)))}"
-    return shlex.join([str(RUN_PY), *mode, *hydra_overrides, folder_override, *hydra_cfg.overrides.task])
+                       if not o.startswith(("hydra.mode=", f"{dir_key}=", "hydra/sweeper=", "hydra.sweeper.",
+                                            SWEEP_FACTS_OVERRIDE))]
+    folder_override = f"{dir_key}={hydra_quote(str(Path(hydra.utils.to_absolute_path(str(folder)))))}"
+    return shlex.join([str(RUN_PY), *config_source_args(hydra_cfg), *mode, *hydra_overrides, folder_override,
+                       *hydra_cfg.overrides.task])
 
 
 def let_job_processes_import_normsweep() -> None:
@@ -97,22 +147,66 @@ def with_schema(cfg: DictConfig) -> DictConfig:
         raise ValueError(" ".join(str(e).split("\n")[0].split())) from None
 
 
+def settle(cfg: DictConfig, hydra_cfg: DictConfig) -> tuple[Config, dict]:
+    """The job's config as it will train: typed by the schema, data.root absolute (Hydra may run jobs from other
+    folders), its thread count. -> (the Config, the resolved dict that config.yaml will hold). Raises ValueError."""
+    cfg = with_schema(cfg)
+    cfg.data.root = str(Path(str(hydra_cfg.runtime.cwd), cfg.data.root))  # an absolute root stays as it is
+    cfg.threads = threads_per_job(cfg.threads, hydra_cfg.launcher)
+    return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def job_dir_of(hydra_cfg: DictConfig) -> Path:
+    """The folder Hydra will make for this job (hydra.runtime.output_dir once it runs)."""
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        folder = Path(str(hydra_cfg.sweep.dir)) / str(hydra_cfg.sweep.subdir)
+    else:
+        folder = Path(str(hydra_cfg.run.dir))
+    return Path(os.path.abspath(Path(str(hydra_cfg.runtime.cwd)) / folder))
+
+
+def check(config: DictConfig) -> tuple[Path, dict]:
+    """Everything that refuses a job, for a composed config (Hydra's node included) before Hydra makes its folder:
+    the sweeper runs it for every job of a sweep, and CheckFirst for a single run. -> (its folder, its resolved
+    config). Raises ValueError or DataError with one line."""
+    hydra_cfg = config.hydra
+    job_dir = job_dir_of(hydra_cfg)
+    task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    cfg, resolved = settle(task, hydra_cfg)
+    check_job(cfg, resolved, job_dir, sweep_dir_of(hydra_cfg, job_dir))
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        note_folder("hydra.sweep.dir", sweep_dir_of(hydra_cfg, job_dir))
+    else:
+        note_folder("hydra.run.dir", job_dir)
+    return job_dir, resolved
+
+
+def sweep_dir_of(hydra_cfg: DictConfig, job_dir: Path) -> Path:
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return job_dir
+    return Path(os.path.abspath(Path(str(hydra_cfg.runtime.cwd)) / str(hydra_cfg.sweep.dir)))
+
+
+def refuse(error: Exception) -> NoReturn:
+    """One line on stderr and exit code 2, which passes through Hydra's launchers and stops a sweep."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from error
+
+
 def prepare(cfg: DictConfig) -> JobRun | str:
     """The job of this Hydra config, ready to train, or its status when it already completed or runs elsewhere.
-    Bad settings or data: one line on stderr, no folder left behind, SystemExit(2), which stops a sweep."""
+    Bad settings or data: one line on stderr, nothing left that this run made, SystemExit(2), which stops a sweep."""
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        cfg = with_schema(cfg)
-        cfg.data.root = hydra.utils.to_absolute_path(cfg.data.root)  # Hydra may run jobs from other folders
-        cfg.threads = threads_per_job(cfg.threads, hydra_cfg.launcher)
-        sweep_dir = job_dir.parent if hydra_cfg.mode == RunMode.MULTIRUN else job_dir
-        resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # as config.yaml will hold it
-        return prepare_job(OmegaConf.to_object(cfg), resolved, job_dir, job_command(hydra_cfg), sweep_dir)
+        settled, resolved = settle(cfg, hydra_cfg)
+        return prepare_job(settled, resolved, job_dir, job_command(hydra_cfg), sweep_dir_of(hydra_cfg, job_dir))
     except (ValueError, DataError) as e:
-        remove_if_empty_result(job_dir, hydra_cfg.mode)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from e  # SystemExit passes through Hydra's launchers: a bad input stops the sweep
+        remove_what_hydra_made(hydra_cfg)
+        refuse(e)
+
+
+SKIPPED = {files.STATUS_COMPLETED: "skipped, completed already", files.STATUS_RUNNING: "skipped, running elsewhere"}
 
 
 def stop_unless_completed(job_dir: Path, status: str, stop: bool) -> None:
@@ -128,8 +222,16 @@ def main(cfg: DictConfig) -> float | str:
     """`python run.py ...`: one job, trained to its end in this process. -> its objective (cfg.objective from its
     summary.json) when it completed, for a sweeper that optimizes it; else its status."""
     job = prepare(cfg)
-    status = job if isinstance(job, str) else job.run()
-    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    if isinstance(job, str):
+        status = job
+        report_progress(hydra_cfg, job_dir, SKIPPED[status])
+    else:
+        report_progress(hydra_cfg, job_dir, "started")
+        started = time.time()
+        status = job.run()
+        report_progress(hydra_cfg, job_dir, f"{status} in {duration(time.time() - started)}")
     stop_unless_completed(job_dir, status, HydraConfig.get().mode == RunMode.RUN or cfg.fail_fast)
     return objective_of(job_dir, str(cfg.objective)) if status == files.STATUS_COMPLETED else status
 
@@ -140,3 +242,112 @@ def objective_of(job_dir: Path, objective: str) -> float | str:
     except (OSError, ValueError, KeyError):
         return files.STATUS_COMPLETED
     return files.STATUS_COMPLETED if value is None else float(value)
+
+
+def check_sweep(config_loader: ConfigLoader, config: DictConfig, jobs: list[list[str]]) -> dict:
+    """Every job of a sweep checked (check) before the first one trains or any folder is made: a bad combination,
+    or two jobs of other configs that would share a folder, stops the sweep with one line naming it.
+    -> the facts its progress lines need (jobs, their epochs, the epochs their folders hold already, the start)."""
+    folders: dict[Path, tuple[list[str], dict]] = {}
+    for overrides in jobs:
+        try:
+            job_dir, resolved = check(config_loader.load_sweep_config(config, list(overrides)))
+            first, first_resolved = folders.setdefault(job_dir, (overrides, resolved))
+            if not same_job(first_resolved, resolved):
+                raise ValueError(f"it would share the folder {job_dir} with the job {' '.join(first)}, another "
+                                 "config: add the setting that tells them apart to hydra.sweep.subdir")
+        except (ValueError, DataError) as e:
+            refuse(ValueError(f"the job {' '.join(overrides) or '(no overrides)'}: {e}"))
+    return {"jobs": len(jobs), "epochs": sum(resolved["epochs"] for _, resolved in folders.values()),
+            "epochs_before": epochs_in(list(folders)), "started": time.time()}
+
+
+# The sweeper hands each job its sweep's facts in hydra.job.env_set (Hydra's per-job settings, which reach every
+# launcher's jobs): {"jobs": N, "epochs": total, "epochs_before": done before this run, "started": time}.
+SWEEP_FACTS = "NORMSWEEP_SWEEP"
+SWEEP_FACTS_OVERRIDE = f"++hydra.job.env_set.{SWEEP_FACTS}"  # how the sweeper adds them; never in a job's command
+
+
+def epochs_in(job_dirs: list[Path]) -> int:
+    """Epochs finished in these job folders (lines of their metrics.jsonl)."""
+    def count(path: Path) -> int:
+        try:
+            return sum(1 for line in path.read_text().splitlines() if line.strip())
+        except (OSError, UnicodeDecodeError):
+            return 0
+    return sum(count(job_dir / files.METRICS) for job_dir in job_dirs)
+
+
+def duration(seconds: float) -> str:
+    """3m12s, 45s, 1h02m."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def report_progress(hydra_cfg: DictConfig, job_dir: Path, what: str) -> None:
+    """One line for a job that starts or ends: `job 3/6 bn-l1-bs64-s1: completed in 3m12s; sweep 50 % after 9m40s,
+    about 9m left` (the estimate from the epochs this run has finished so far), whatever the launcher."""
+    facts = hydra_cfg.job.get("env_set", {}).get(SWEEP_FACTS)
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    if not facts:  # another sweeper (a search): the job's number alone
+        log.info("job %d %s: %s", hydra_cfg.job.num + 1, job_dir.name, what)
+        return
+    facts = json.loads(facts)
+    done, elapsed = epochs_in([d for d in job_dir.parent.iterdir() if d.is_dir()]), time.time() - facts["started"]
+    sweep = f"sweep {100 * min(done, facts['epochs']) / max(facts['epochs'], 1):.0f} % after {duration(elapsed)}"
+    if done > facts["epochs_before"] and done < facts["epochs"]:
+        left = elapsed * (facts["epochs"] - done) / (done - facts["epochs_before"])
+        sweep += f", about {duration(left)} left"
+    log.info("job %d/%d %s: %s; %s", hydra_cfg.job.num + 1, facts["jobs"], job_dir.name, what, sweep)
+
+
+def cli(main: Callable[[], object]) -> None:
+    """run.py's entry point around Hydra's main: Hydra's own composition errors become one line with exit code 2, as
+    the project's are, and an interrupt (Ctrl-C, SIGTERM) ends with the command that resumes, exit code 130."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors here instead of printing them on many lines
+    signal.signal(signal.SIGTERM, _interrupt)  # kill's default: the same way out as Ctrl-C
+    try:
+        main()
+    except HydraException as e:
+        print(f"error: {composition_error(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun {resume_command()} to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def composition_error(error: HydraException) -> str:
+    """Hydra's message as one line: an unknown choice lists the valid ones, a bad value names the key and the type."""
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
+        group, _, value = str(error.missing_cfg_file).rpartition("/")
+        return f"{group}={value} is not a choice; choose one of {', '.join(error.options)}"
+    message = str(error).split("\n")[0]
+    if error.__cause__ is not None:  # OmegaConf's reason: "Value 'abc' of type 'str' could not be converted to Integer"
+        message += ": " + str(error.__cause__).split("\n")[0]
+    return " ".join(message.split())
+
+
+def resume_command() -> str:
+    """This process's command line with the folder it writes into made explicit (a timestamped default would start
+    a new folder), so that running it again resumes: completed jobs are skipped, interrupted ones resume."""
+    args = sys.argv[1:]
+    if WRITING_INTO:  # else interrupted before the checks: the same command starts afresh anyway
+        key, folder = WRITING_INTO
+        args = [a for a in args if not a.startswith(f"{key}=")] + [f"{key}={hydra_quote(folder)}"]
+    return shlex.join([sys.executable, sys.argv[0], *args])
+
+
+# The one folder this process writes into, as (its Hydra key, its absolute path), noted by check() and check_sweep()
+# before Hydra makes it, for the line an interrupt prints. Set once per process (Hydra's own record of it is gone by
+# the time the interrupt reaches cli()), read only by resume_command().
+WRITING_INTO: list[str] = []
+
+
+def note_folder(key: str, folder: Path) -> None:
+    WRITING_INTO[:] = [key, str(folder)]

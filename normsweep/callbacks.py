@@ -1,4 +1,4 @@
-"""Hydra callback: when a multirun ends, collect its job folders into the results table and plots, and make
+"""Hydra callbacks: a single run checked before its folder is made; when a multirun ends, collect its job folders into the results table and plots, and make
 the process exit non-zero when any job did not complete."""
 from __future__ import annotations
 
@@ -14,6 +14,20 @@ from omegaconf import DictConfig
 from normsweep import files
 
 log = logging.getLogger(__name__)
+
+
+class CheckFirst(Callback):
+    """A single run's checks (app.check) before Hydra makes its folder: bad input leaves nothing behind, not even in a
+    folder that exists (hydra.run.dir=.). A sweep's jobs are checked by its sweeper, hydra/sweeper=normsweep."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from normsweep import app  # here: the callback is instantiated for every Hydra run, --help included
+        from normsweep.data import DataError
+
+        try:
+            app.check(config)
+        except (ValueError, DataError) as e:
+            app.refuse(e)
 
 
 class CollectAtEnd(Callback):

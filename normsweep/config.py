@@ -2,13 +2,17 @@
 so that typos and wrong types fail when the config is composed, before any training."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import math
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from normsweep import files
 from normsweep.model import NORM_LAYERS, NORM_WIDTHS
@@ -118,10 +122,32 @@ def register_configs() -> None:
     # job folder suffix: "-dropout=0.1" for overrides outside the folder-name keys, "" when there are none
     OmegaConf.register_new_resolver("job_suffix", lambda overrides: f"-{overrides.replace('/', '_')}" if overrides else "",
                                     replace=True)
+    # job folder suffix: "-c3f2a1" when the name does not say the whole config (see config_tag), "" otherwise
+    OmegaConf.register_new_resolver("config_tag", config_tag, replace=True)
     # the linear scaling rule (Goyal et al. 2017): a learning rate tuned at batch 64, scaled to batch_size
     OmegaConf.register_new_resolver("lr_for_batch", lambda lr, batch_size: lr * batch_size / 64, replace=True)
     # hydra/sweeper=search: maximize or minimize as the objective implies
     OmegaConf.register_new_resolver("objective_direction", objective_direction, replace=True)
+
+
+def config_tag(*, _root_: DictConfig) -> str:
+    """'-' and 8 hex digits of the job's whole config (runtime keys aside) when its folder name, made from its choices
+    and its command-line overrides, does not say all of it: when a preset (experiment=...) or a config of the user's
+    own (--config-dir, --config-path, --config-name) set values. Two such jobs then never share a folder. '' else."""
+    runtime = _root_.hydra.runtime
+    own_config = _root_.hydra.job.config_name == "config" and all(
+        source.provider in ("hydra", "schema") or (source.provider == "main" and _is_conf_dir(source.path))
+        for source in runtime.config_sources)
+    if own_config and runtime.choices.get("experiment") is None:
+        return ""
+    task = {key: OmegaConf.to_container(_root_[key], resolve=True, enum_to_str=True) if OmegaConf.is_config(
+        _root_[key]) else _root_[key] for key in _root_ if key != "hydra"}  # hydra holds this very interpolation
+    settings = {k: v for k, v in files.flatten(task).items() if not files.is_runtime_key(k)}
+    return "-" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _is_conf_dir(path: str) -> bool:
+    return Path(path.removeprefix("file://")).resolve() == files.CHECKOUT / "conf"
 
 
 def validate(cfg: Config) -> None:
@@ -132,8 +158,13 @@ def validate(cfg: Config) -> None:
         (cfg.reg.l1 >= 0, f"reg.l1={cfg.reg.l1} must be >= 0"),
         (cfg.reg.l2 >= 0, f"reg.l2={cfg.reg.l2} must be >= 0"),
         (0 <= cfg.dropout < 1, f"dropout={cfg.dropout} must be in [0, 1)"),
-        (cfg.optim.max_lr > 0, f"optim.max_lr={cfg.optim.max_lr} must be > 0"),
-        (cfg.optim.momentum >= 0, f"optim.momentum={cfg.optim.momentum} must be >= 0"),
+        (math.isfinite(cfg.optim.max_lr) and cfg.optim.max_lr > 0, f"optim.max_lr={cfg.optim.max_lr} must be a "
+         "finite number > 0"),
+        (math.isfinite(cfg.optim.momentum) and cfg.optim.momentum >= 0,
+         f"optim.momentum={cfg.optim.momentum} must be a finite number >= 0"),
+        (math.isfinite(cfg.reg.l1) and math.isfinite(cfg.reg.l2), "reg.l1 and reg.l2 must be finite numbers"),
+        # torch.manual_seed takes [-2**63, 2**64); a range every RNG library takes, so a seed means the same everywhere
+        (0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32)"),
         # checked here, not at the first epoch's end: a sweep must not train for nothing
         (cfg.logger.name != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
          "logger=tensorboard needs the tensorboard package: pip install tensorboard, or pip install -e '.[tensorboard]'"),

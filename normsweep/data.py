@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
+import io
 import logging
 import math
 import os
@@ -194,7 +196,10 @@ def _fetch_torchvision(root: Path, raw_dir: Path) -> None:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_NET_TIMEOUT_S)  # restored below: other code in this process keeps its own default
     try:
-        dataset_class(str(root), train=False, download=True)  # downloads all four; the test set loads fast
+        # torchvision prints each mirror it tries and each failure to stdout, which read as the data step failing
+        # when the next source succeeds: what went wrong is in the exception, and reported if no source works
+        with contextlib.redirect_stdout(io.StringIO()):
+            dataset_class(str(root), train=False, download=True)  # downloads all four; the test set loads fast
     finally:
         socket.setdefaulttimeout(previous)
 
@@ -226,9 +231,8 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 _Source = tuple[str, Callable[[Path, Path], None]]  # (name for messages, fetch(root, raw_dir))
 
 
-def _obtain_idx(spec: _IdxSpec, root: str | Path, sources: tuple[_Source, ...]) -> Path:
-    """The folder holding spec's four verified IDX files: root/<folder>/raw when they are all there, else the
-    system package's folder, else root/<folder>/raw after fetching them with the first of `sources` that works."""
+def _check_root(spec: _IdxSpec, root: str | Path) -> None:
+    """What can be told about data.root without reading or fetching anything (so a sweep checks it first)."""
     raw_dir = Path(root) / spec.folder / "raw"
     if Path(root).exists() and not Path(root).is_dir():
         raise DataError(f"data.root={root} is a file, not a folder: point data.root at a folder "
@@ -237,9 +241,16 @@ def _obtain_idx(spec: _IdxSpec, root: str | Path, sources: tuple[_Source, ...]) 
         for path in (raw_dir / name, raw_dir / f"{name}.gz"):
             if path.is_dir():
                 raise DataError(f"{path} is a folder where the data file {path.name} belongs: move it away and rerun")
+
+
+def _obtain_idx(spec: _IdxSpec, root: str | Path, sources: tuple[_Source, ...]) -> Path:
+    """The folder holding spec's four verified IDX files: root/<folder>/raw when they are all there, else the
+    system package's folder, else root/<folder>/raw after fetching them with the first of `sources` that works."""
+    raw_dir = Path(root) / spec.folder / "raw"
+    _check_root(spec, root)
     if all(_find(raw_dir, name) for name in spec.md5):
         verify_idx(raw_dir, spec.md5)  # a bad file is the user's to delete: never overwrite or train on it
-        logger.info("%s: using existing files in %s", spec.folder, raw_dir)
+        logger.info("%s: using the files in %s (MD5s match the official ones)", spec.folder, raw_dir)
         return raw_dir
     failures = []
     if spec.system_dir is not None and any(_find(spec.system_dir, name) for name in spec.md5):
@@ -249,7 +260,8 @@ def _obtain_idx(spec: _IdxSpec, root: str | Path, sources: tuple[_Source, ...]) 
             failures.append(f"{spec.system_package} files unusable ({_one_line(e)})")
             logger.warning("%s: %s", spec.folder, failures[-1])
         else:
-            logger.info("%s: using the %s files in %s", spec.folder, spec.system_package, spec.system_dir)
+            logger.info("%s: using the %s files in %s (MD5s match the official ones)", spec.folder,
+                        spec.system_package, spec.system_dir)
             return spec.system_dir
     try:
         raw_dir.mkdir(parents=True, exist_ok=True)
@@ -265,9 +277,10 @@ def _obtain_idx(spec: _IdxSpec, root: str | Path, sources: tuple[_Source, ...]) 
             verify_idx(raw_dir, spec.md5)
         except Exception as e:  # any failure of one source just means: try the next one
             failures.append(f"{source} failed ({_one_line(e)})")
-            logger.warning("%s: %s", spec.folder, failures[-1])
+            logger.debug("%s: %s", spec.folder, failures[-1])  # an error only if no source works: then raised below
             continue
-        logger.info("%s: fetched into %s via %s", spec.folder, raw_dir, source)
+        tried = f" ({'; '.join(failures)} first)" if failures else ""
+        logger.info("%s: fetched into %s via %s%s; MD5s match the official ones", spec.folder, raw_dir, source, tried)
         return raw_dir
     system = f", or install {spec.system_package} (it puts them in {spec.system_dir})" if spec.system_dir else ""
     raise DataError(f"No {spec.folder} under {raw_dir}: {'; '.join(failures)}. Fix: copy the four IDX files "
@@ -334,6 +347,13 @@ def _make_fake(root: Path) -> Dataset:
 _LOADERS: Mapping[str, Callable[[Path], Dataset]] = MappingProxyType(
     {"mnist": _load_mnist, "fashion_mnist": _load_fashion_mnist, "fake": _make_fake})
 DATASETS = tuple(_LOADERS)  # valid names, in the config's spelling
+
+
+def check_root(name: str, root: str | Path) -> None:
+    """Raises DataError when data.root cannot hold dataset `name`, as far as that shows without fetching it."""
+    spec = {"mnist": _MNIST, "fashion_mnist": _FASHION_MNIST}.get(name)
+    if spec is not None:
+        _check_root(spec, root)
 
 
 def load_data(name: str, root: str | Path, train_limit: int | None = None, test_limit: int | None = None) -> Dataset:

@@ -1,10 +1,12 @@
 """The run folder's file names, run labels and atomic writes: the one place the trainer and the collector share."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import platform
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +62,8 @@ def read_jsonl(path: Path) -> list[dict]:
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+
+ROW_FACTS = ("epoch", "threads")  # keys of a metrics.jsonl row that are facts about the epoch, not curves to log
 
 JOB_METRICS = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc")  # summarize()'s keys
 
@@ -123,6 +127,61 @@ def remove_stale_temp_files(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_own_file(path: Path) -> None:
+    """Raises NotRegularFileError when something other than a regular file sits where normsweep writes one: a folder,
+    a symlink (writing through it would change its target), a FIFO or a device. Nothing there is fine."""
+    path = Path(path)
+    if path.is_symlink():
+        raise NotRegularFileError(f"{path} is a symlink where normsweep writes a file: remove it and rerun")
+    if path.is_dir():
+        raise NotRegularFileError(f"{path} is a folder where normsweep writes a file: move it away and rerun")
+    if path.exists() and not path.is_file():
+        raise NotRegularFileError(f"{path} is not a regular file where normsweep writes one: remove it and rerun")
+
+
+def remove_created(folder: Path, names: list[str], since: float) -> None:
+    """Undo a run that was refused after it made `folder`: remove the files `names` (paths inside folder) and then
+    the folders, but only when folder holds nothing else and every one of those files was written since `since`
+    (this process's start). A folder that held anything before, a file the run did not write, or a file that
+    appeared meanwhile keeps everything: this never deletes what someone else put there."""
+    folder = Path(folder)
+    wanted = {folder / name for name in names}
+    try:
+        found = [Path(here) / name for here, dirs, names_here in os.walk(folder) for name in names_here + [
+            d for d in dirs if (Path(here) / d).is_symlink()]]
+        if not all(path in wanted and not path.is_symlink() and path.stat().st_mtime >= since for path in found):
+            return
+        for path in found:
+            path.unlink()
+        # deepest first; rmdir refuses a folder that is not empty, so nothing that appeared meanwhile is lost
+        for here, _, _ in sorted(os.walk(folder), key=lambda entry: -len(Path(entry[0]).parts)):
+            os.rmdir(here)
+    except OSError:
+        return  # what could not be removed stays: better a leftover than a lost file
+
+
+class NotRegularFileError(ValueError):
+    """A path where normsweep reads or writes a file of its own is a symlink, a FIFO, a device or a folder."""
+
+
+def open_regular(path: Path, flags: int) -> int:
+    """os.open that never follows a symlink (O_NOFOLLOW) and never blocks on a FIFO (O_NONBLOCK), and refuses
+    anything but a regular file: a lock or job file planted as a link must not make us write to (or read) its
+    target, e.g. someone's ~/.bashrc. -> the descriptor, in blocking mode."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR):  # O_NOFOLLOW on a symlink; a folder opened for writing
+            raise NotRegularFileError(f"{path} is a symlink where normsweep keeps a file of its own: remove it "
+                                      "and rerun") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotRegularFileError(f"{path} is not a regular file where normsweep keeps one: remove it and rerun")
+    os.set_blocking(fd, True)
+    return fd
+
+
 class FolderLock:
     """An exclusive lock on <folder>/.lock for as long as one process works in the folder.
 
@@ -136,7 +195,7 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self, wait: bool = False) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -157,17 +216,21 @@ class FolderLock:
     def holder(self) -> str:
         """'pid 123 on host node1 since 2026-11-26T10:00:00+0000', as the holder wrote it."""
         try:
-            who = json.loads(self.path.read_text())
+            fd = open_regular(self.path, os.O_RDONLY)
+            try:
+                who = json.loads(os.pread(fd, 4096, 0))
+            finally:
+                os.close(fd)
             return f"pid {who['pid']} on host {who['host']} since {who['since']}"
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, NotRegularFileError):
             return "another process"
 
 
 def is_locked(folder: Path) -> bool:
     """True while some process holds <folder>/.lock (never creates the file)."""
     try:
-        fd = os.open(Path(folder) / LOCK, os.O_RDWR)
-    except OSError:
+        fd = open_regular(Path(folder) / LOCK, os.O_RDONLY)
+    except (OSError, NotRegularFileError):
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

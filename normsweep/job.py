@@ -7,7 +7,6 @@ import json
 import logging
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import yaml
 
 from normsweep import files, tracking
 from normsweep.config import Config, validate
-from normsweep.data import Dataset, load_data
+from normsweep.data import Dataset, check_root, load_data
 from normsweep.step import JobContext
 from normsweep.train import CheckpointError, Diverged, hparams_of, resolve_device, training
 
@@ -27,6 +26,8 @@ log = logging.getLogger(__name__)
 
 RESULT_FILES = (files.SUMMARY, files.METRICS, files.CHECKPOINT, files.MISCLASSIFIED, files.MISCLASSIFIED_PNG,
                 files.MLFLOW_RUN)
+
+
 def git_state() -> dict:
     """Commit and dirty flag of the code that ran, or nulls when it does not run from a git checkout."""
     def git(*args: str) -> str:
@@ -43,7 +44,7 @@ def git_state() -> dict:
 CODE_VERSION = git_state()
 
 
-def _same_job(old: dict | None, new: dict) -> bool:
+def same_job(old: dict | None, new: dict) -> bool:
     """Same settings, runtime keys aside. Only keys both configs have are compared: a key the schema gained or lost
     since the job ran (a new option at its default, a removed one that did nothing) does not make it another job."""
     if not isinstance(old, dict):
@@ -75,30 +76,62 @@ def run_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = No
     return job if isinstance(job, str) else job.run()
 
 
+def check_job(cfg: Config, resolved: dict, job_dir: Path, sweep_dir: Path | None = None) -> tuple[Config, dict]:
+    """Every refusal that can be told before anything is written (a sweep runs it for all its jobs before the first
+    one trains): bad values, an unusable device, data.root or MLflow store, something other than a file where the
+    job writes one, and a folder holding another config's results, which are never replaced.
+    -> (cfg, resolved), with logger.tracking_uri filled in when it is null. Raises ValueError or DataError."""
+    validate(cfg)
+    resolve_device(cfg.device)
+    check_root(cfg.data.name, cfg.data.root)
+    if cfg.logger.name == "mlflow":
+        if cfg.logger.tracking_uri is None:  # the local store, named in the job's config.yaml too
+            uri = tracking.default_uri(sweep_dir or job_dir.parent)
+            cfg = dataclasses.replace(cfg, logger=dataclasses.replace(cfg.logger, tracking_uri=uri))
+            resolved = {**resolved, "logger": {**resolved["logger"], "tracking_uri": uri}}
+        tracking.check_reachable(cfg.logger.tracking_uri)
+    for name in (files.CONFIG, files.LOCK, *RESULT_FILES):
+        files.check_own_file(job_dir / name)
+    _refuse_other_results(job_dir, resolved)
+    return cfg, resolved
+
+
+def _refuse_other_results(job_dir: Path, resolved: dict) -> None:
+    """A completed or interrupted run of another config (or of one that cannot be read) is never replaced."""
+    results = [name for name in RESULT_FILES if (job_dir / name).exists()]
+    if results and not same_job(_read_previous(job_dir / files.CONFIG, yaml.safe_load), resolved):
+        raise ValueError(f"{job_dir} holds the results of {_whose(job_dir / files.CONFIG, resolved)}, which are "
+                         "never replaced: move that folder aside (or pick another hydra.run.dir / hydra.sweep.dir) "
+                         "to run this config there")
+
+
+def _whose(config_path: Path, resolved: dict) -> str:
+    """'another config (dropout=0.2 there, 0.03 here)', or why the folder's config cannot be compared."""
+    old = _read_previous(config_path, yaml.safe_load)
+    if old is None:
+        return f"a run whose {config_path.name} is {'unreadable' if config_path.exists() else 'missing'}"
+    old_flat, new_flat = files.flatten(old), files.flatten(resolved)
+    differ = [f"{k}={old_flat[k]} there, {new_flat[k]} here" for k in old_flat.keys() & new_flat.keys()
+              if not files.is_runtime_key(k) and old_flat[k] != new_flat[k]]
+    return f"another config ({'; '.join(sorted(differ)[:3])}{'; ...' if len(differ) > 3 else ''})"
+
+
 def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None,
                 sweep_dir: Path | None = None) -> "JobRun | str":
     """Everything before the first training step: checks, the job's lock, the skip/resume/restart decision, the
     config file. -> the job, ready to train and holding its lock, or its status when it already completed
     (or is running in another process, which holds the lock). `sweep_dir`: the folder of the job's sweep
     (default: the job folder's parent), where logger=mlflow keeps its store and parent run."""
-    validate(cfg)
+    cfg, resolved = check_job(cfg, resolved, job_dir, sweep_dir)
     device = resolve_device(cfg.device)
     sweep_dir = sweep_dir or job_dir.parent
-    if cfg.logger.name == "mlflow":
-        if cfg.logger.tracking_uri is None:  # the local store, named in the job's config.yaml too
-            uri = tracking.default_uri(sweep_dir)
-            cfg = dataclasses.replace(cfg, logger=dataclasses.replace(cfg.logger, tracking_uri=uri))
-            resolved = {**resolved, "logger": {**resolved["logger"], "tracking_uri": uri}}
-        tracking.check_reachable(cfg.logger.tracking_uri)
-    for name in (files.CONFIG, *RESULT_FILES):
-        if (job_dir / name).is_dir():
-            raise ValueError(f"{job_dir / name} is a folder where normsweep writes a file: move it away and rerun")
     lock = files.FolderLock(job_dir)
     if not lock.acquire():
         log.warning("skipping %s: it is running in %s", job_dir.name, lock.holder())
         return files.STATUS_RUNNING
     try:
         files.remove_stale_temp_files(job_dir)  # the lock says no one else is writing here
+        _refuse_other_results(job_dir, resolved)  # again: another process may have run a job here since the check
         if _completed_with_same_config(job_dir, resolved):
             log.info("skipping %s: already completed with the same config", job_dir.name)
             lock.release()
@@ -112,24 +145,17 @@ def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None 
 
 
 def _completed_with_same_config(job_dir: Path, resolved: dict) -> bool:
-    if not _same_job(_read_previous(job_dir / files.CONFIG, yaml.safe_load), resolved):
+    if not same_job(_read_previous(job_dir / files.CONFIG, yaml.safe_load), resolved):
         return False
     previous = _read_previous(job_dir / files.SUMMARY, json.loads) or {}
     return previous.get("status") == files.STATUS_COMPLETED
 
 
 def _start_or_resume(job_dir: Path, resolved: dict) -> None:
-    """Keeps the results of an interrupted run of the same config (training resumes from its checkpoint);
-    removes those of another config. Then writes the config the job runs with."""
-    config_path = job_dir / files.CONFIG
-    if not _same_job(_read_previous(config_path, yaml.safe_load), resolved):
-        if config_path.exists():
-            log.info("config of %s changed since its last run: starting afresh", job_dir.name)
-        for name in RESULT_FILES:
-            (job_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(job_dir / files.TENSORBOARD_DIR, ignore_errors=True)  # curves of the old config
+    """Keeps the results of an interrupted run of the same config (training resumes from its checkpoint; check_job
+    refused the folder if they were another config's). Then writes the config the job runs with."""
     (job_dir / files.SUMMARY).unlink(missing_ok=True)  # a rerun of a failed job: its new summary replaces the old
-    files.write_atomic(config_path, yaml.safe_dump(resolved, sort_keys=False))
+    files.write_atomic(job_dir / files.CONFIG, yaml.safe_dump(resolved, sort_keys=False))
 
 
 class JobRun:
@@ -194,6 +220,8 @@ class JobRun:
             "wall_seconds_this_invocation": time.time() - started,
             "device": str(self.device),
             "threads": extra.get("threads"),
+            # more than one count: resumed under another thread count, so not bit-identical to an uninterrupted run
+            "threads_per_epoch": sorted({r["threads"] for r in history if isinstance(r.get("threads"), int)}),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "host": platform.node(),

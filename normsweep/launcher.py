@@ -5,6 +5,7 @@ loop runs eagerly on the CPU."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from pathlib import Path
 from typing import Optional, Sequence
@@ -57,14 +58,20 @@ class GpuLauncher(Launcher):
         waiting = deque(enumerate(job_overrides, start=initial_job_idx))
         running: list[tuple[int, JobReturn, JobRun, list[logging.Handler]]] = []
         returns: dict[int, JobReturn] = {}
+        started: dict[int, float] = {}
         while waiting or running:
             while waiting and len(running) < self.max_parallel:
                 idx, overrides = waiting.popleft()
                 root.handlers = sweep_handlers
                 ret = self._prepare(idx, overrides)
                 if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, JobRun):
+                    app.report_progress(ret.hydra_cfg.hydra, ret.return_value.job_dir, "started")
+                    started[idx] = time.time()
                     running.append((idx, ret, ret.return_value, list(root.handlers)))  # the job's log file among them
                 else:
+                    if ret.status == JobStatus.COMPLETED:
+                        job_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir)
+                        app.report_progress(ret.hydra_cfg.hydra, job_dir, app.SKIPPED[ret.return_value])
                     returns[idx] = ret  # skipped (already completed), or failed before training
             for entry in list(running):
                 idx, ret, job, handlers = entry
@@ -72,6 +79,8 @@ class GpuLauncher(Launcher):
                 if job.advance():
                     continue
                 ret.return_value = job.status
+                app.report_progress(ret.hydra_cfg.hydra, job.job_dir,
+                                    f"{job.status} in {app.duration(time.time() - started[idx])}")
                 returns[idx] = ret
                 running.remove(entry)
                 app.stop_unless_completed(job.job_dir, job.status, job.cfg.fail_fast)

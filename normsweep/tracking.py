@@ -95,7 +95,7 @@ class JobTracker:
 
         stamp = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), stamp, row["epoch"])
-                                                    for key, value in row.items() if key != "epoch"])
+                                                    for key, value in row.items() if key not in files.ROW_FACTS])
         self.logged_epochs.add(row["epoch"])
 
     def finish(self, status: str, history: Iterable[dict]) -> None:

@@ -232,7 +232,7 @@ def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device,
     pred = None  # the last epoch's test predictions, for the misclassified grid
     try:
         for epoch in range(len(history) + 1, cfg.epochs + 1):
-            row, pred = yield from train_and_test(run, cfg, graphed, epoch)
+            row, pred = yield from train_and_test(run, cfg, graphed, epoch, job_dir.name)
             history.append(row)
             record_epoch(job_dir, run, history, board)
             if on_epoch is not None:
@@ -249,8 +249,8 @@ def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device,
     return {"threads": torch.get_num_threads(), "params": count_params(run.model)}
 
 
-def train_and_test(run: Run, cfg: Config, graphed: Optional[DeviceStep],
-                   epoch: int) -> Generator[None, None, tuple[dict, torch.Tensor]]:
+def train_and_test(run: Run, cfg: Config, graphed: Optional[DeviceStep], epoch: int,
+                   job: str) -> Generator[None, None, tuple[dict, torch.Tensor]]:
     """One epoch, eager or replayed as CUDA graphs, then the test set; -> its metrics row and test predictions."""
     progress = None
     if sys.stderr.isatty():  # a bar for eyes only; the log line below is the record
@@ -261,13 +261,15 @@ def train_and_test(run: Run, cfg: Config, graphed: Optional[DeviceStep],
     else:
         metrics = check_finite((yield from graphed.epoch(progress)))
         advance_scheduler(run.scheduler, run.steps_per_epoch)
-    row = {"epoch": epoch, **metrics, "lr": run.scheduler.get_last_lr()[0]}
+    # threads: oneDNN's reductions depend on the count, so an epoch's numbers are bit-identical only at the same one
+    row = {"epoch": epoch, **metrics, "lr": run.scheduler.get_last_lr()[0], "threads": torch.get_num_threads()}
     row["train_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     row["test_loss"], row["test_acc"], pred = evaluate(run.model, run.data.test_inputs, run.data.test_labels)
     row["test_seconds"] = time.perf_counter() - started
-    log.info("epoch %d/%d train_loss %.4f train_acc %.2f test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
-             epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"], row["lr"],
+    # the job's name on its line: jobs side by side (joblib, the gpu launcher) share one console
+    log.info("%s: epoch %d/%d train_loss %.4f train_acc %.2f test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
+             job, epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"], row["lr"],
              row["train_seconds"], row["test_seconds"])
     return row, pred
 
@@ -278,7 +280,7 @@ def record_epoch(job_dir: Path, run: Run, history: list[dict], board) -> None:
     if board is not None:
         row = history[-1]
         for key, value in row.items():
-            if key != "epoch":
+            if key not in files.ROW_FACTS:
                 board.add_scalar(key, value, row["epoch"])
         board.flush()  # on disk with the epoch's metrics line, not minutes later
     save_checkpoint(job_dir / files.CHECKPOINT, run.model, run.optimizer, run.scheduler, history)

@@ -89,7 +89,7 @@ def run_cli(tmp_path, *args):
     (["batch_size=0", "data=fake"], "batch_size=0 must be a positive integer"),
     (["-m", "norm=bn", "dropout=1.5", "data=fake"], "dropout=1.5 must be in [0, 1)"),
     (["norm=gn", "norm.groups=3", "data=fake"], "norm.groups=3 must divide"),
-    (["norm=xyz", "data=fake"], "Could not find 'norm/xyz'"),
+    (["norm=xyz", "data=fake"], "error: norm=xyz is not a choice; choose one of bn, gn, ln"),
 ])
 @pytest.mark.slow
 def test_cli_bad_input_exits_nonzero_with_one_line_and_no_result_folder(tmp_path, args, expected):

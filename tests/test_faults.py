@@ -15,6 +15,7 @@ import torch
 
 from conftest import REPO, jobs_in, metrics, run, run_py
 from normsweep import files
+from normsweep.app import hydra_quote
 
 pytestmark = pytest.mark.slow  # every test here runs run.py in subprocesses
 
@@ -158,3 +159,173 @@ def test_a_job_folder_reproduces_itself_both_ways(tmp_path):
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert metrics(tmp_path / "again") == expected
+
+
+# Nothing the user has is ever deleted or silently replaced (each case as a user would meet it).
+
+def tree(folder) -> dict[str, bytes]:
+    """Every file under folder with its content, hidden ones included: equal trees mean nothing was touched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("multirun, overrides", [
+    (False, ("epochs=0", "hydra.run.dir=.")),  # Hydra's idiom for "here": the user's working directory
+    (False, ("+epoch=1", "hydra.run.dir=.")),
+    (False, ("seed=-1", "hydra.run.dir=.")),
+    (False, ("optim.max_lr=inf", "hydra.run.dir=.")),
+    (False, ("experiment=no_such_preset", "hydra.run.dir=.")),
+    (True, ("epochs=1,0", "hydra.sweep.dir=.")),  # the bad combination comes second: none trains
+    (True, ("epochs=0", "hydra.sweep.dir=.", "hydra.sweep.subdir=.")),
+    (True, ("epochs=1", "batch_size=64,1", "hydra.sweep.dir=sweep")),  # a folder of the user's beside its notes
+])
+def test_refused_input_leaves_the_users_folder_exactly_as_it_was(tmp_path, multirun, overrides):
+    (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "draft.md").write_text("a draft")
+    before = tree(tmp_path)
+    proc = run(*overrides, "data.train_limit=64", cwd=tmp_path, multirun=multirun)
+    assert proc.returncode == 2, proc.stderr
+    assert len(error_lines(proc)) == 1 and error_lines(proc)[0].startswith("error: "), proc.stderr
+    assert tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "sweep"]
+
+
+def test_refused_after_hydra_made_the_folder_removes_only_hydras_files(tmp_path):
+    """A data root found unusable only when the job starts (it cannot be written to fetch MNIST into): Hydra made
+    the job's folder and .hydra/ by then. Into a new folder: all of it goes. Into the user's folder: only what the
+    run wrote could go, so nothing of theirs does."""
+    bad_root = ("data=mnist", "data.root=/proc/normsweep-data")
+    proc = run(*bad_root, f"hydra.run.dir={tmp_path / 'new'}", cwd=tmp_path, multirun=False)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    proc = run(*bad_root, f"hydra.run.dir={tmp_path / 'mine'}", cwd=tmp_path, multirun=False)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my notes"
+
+
+def test_a_folder_holding_another_configs_results_is_never_replaced(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run("epochs=1", "data.train_limit=64", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+               multirun=False).returncode == 0
+    before = tree(run_dir)
+    proc = run("epochs=1", "data.train_limit=64", "dropout=0.2", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+               multirun=False)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+    assert "dropout=0.03 there, 0.2 here" in proc.stderr and "move that folder aside" in proc.stderr
+    assert tree(run_dir) == before
+
+
+PRESETS = {"a": "dropout: 0.2", "b": "dropout: 0.1"}
+
+
+def user_config_dir(tmp_path):
+    """A config folder of the user's own: two presets that differ only in dropout, and a primary config `fast`."""
+    (tmp_path / "mine" / "experiment").mkdir(parents=True)
+    for name, line in PRESETS.items():
+        (tmp_path / "mine" / "experiment" / f"{name}.yaml").write_text(f"# @package _global_\n{line}\n")
+    (tmp_path / "mine" / "fast.yaml").write_text("defaults:\n  - config\n  - _self_\n\ndropout: 0.25\n")
+    return tmp_path / "mine"
+
+
+@pytest.mark.parametrize("launcher", ["basic", "gpu"])
+def test_presets_that_differ_outside_the_folder_name_get_a_folder_and_a_row_each(tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    proc = run_with_config(["--config-dir", str(user_config_dir(tmp_path))], "experiment=a,b", "epochs=1",
+                           "data.train_limit=64", f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    jobs = jobs_in(sweep)
+    assert len(jobs) == 2
+    assert sorted(json.loads((job / files.SUMMARY).read_text())["status"] for job in jobs) == ["completed"] * 2
+    assert {yaml_value(job, "dropout") for job in jobs} == {0.2, 0.1}
+    rows = [line for line in (sweep / files.RESULTS_MD).read_text().split("\n\n")[0].splitlines()[2:]]
+    assert len(rows) == 2
+
+
+def run_with_config(config_args: list[str], *overrides: str, cwd) -> subprocess.CompletedProcess:
+    """`python run.py <config_args> -m <FAST> <overrides>`: Hydra's options go before the overrides."""
+    command = run_py(*overrides)
+    return subprocess.run([*command[:2], *config_args, *command[2:]], cwd=cwd, capture_output=True, text=True,
+                          timeout=240)
+
+
+def yaml_value(job, key):
+    import yaml
+
+    return yaml.safe_load((job / files.CONFIG).read_text())[key]
+
+
+def test_the_recorded_command_reruns_exactly_that_job_from_anywhere(tmp_path):
+    """A job from a config of the user's own (--config-dir, --config-name) into a sweep folder whose name holds
+    characters that Hydra's grammar and the shell treat specially: its recorded command, run from another folder,
+    finds the completed job and skips it, and the results stay as they were."""
+    sweep = tmp_path / "odd, name=$x 'q'"
+    proc = run_with_config(["--config-dir", str(user_config_dir(tmp_path)), "--config-name", "fast"], "epochs=1",
+                           "data.train_limit=64", f"hydra.sweep.dir={hydra_quote(str(sweep))}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (job,) = jobs_in(sweep)
+    assert yaml_value(job, "dropout") == 0.25
+    before = tree(job)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    command = json.loads((job / files.SUMMARY).read_text())["command"]
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} {command}", shell=True, cwd=elsewhere,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "already completed with the same config" in proc.stdout + proc.stderr
+    assert jobs_in(sweep) == [job] and not list(elsewhere.iterdir())
+    results = lambda files_: {k: v for k, v in files_.items() if k.split("/")[0] not in (".hydra", "run.log", ".lock")}  # noqa: E731
+    assert results(tree(job)) == results(before)  # Hydra's snapshot, the log and the lock's holder are rewritten
+
+
+@pytest.mark.parametrize("lock_name", [files.LOCK, files.COLLECT_LOCK])
+def test_a_lock_planted_as_a_symlink_never_writes_its_target(tmp_path, lock_name):
+    victim = tmp_path / "bashrc"
+    victim.write_text("export PATH=mine\n")
+    sweep = tmp_path / "sweep"
+    job = sweep / "bn-none-bs64-s1-data.test_limit=100-data.train_limit=64-data=fake-epochs=1"
+    job.mkdir(parents=True)
+    where = job if lock_name == files.LOCK else sweep
+    (where / lock_name).symlink_to(victim)
+    proc = run("epochs=1", "data.train_limit=64", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert victim.read_text() == "export PATH=mine\n"
+    assert proc.returncode != 0 and "symlink" in proc.stderr, proc.stderr
+    if lock_name == files.LOCK:
+        assert proc.returncode == 2 and len(error_lines(proc)) == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("norm=bm",), "error: norm=bm is not a choice; choose one of bn, gn, ln"),
+    (("experiment=typo",), "error: experiment=typo is not a choice; choose one of batch_size_study, reference_bn"),
+    (("batch_size=abc",), "error: Error merging override batch_size=abc: Value 'abc' of type 'str' could not be "
+                          "converted to Integer"),
+    (("epochs=[1",), "error: no viable alternative at input '[1'"),
+])
+def test_hydras_own_composition_errors_are_one_line_with_exit_2(tmp_path, overrides, message):
+    for multirun in (False, True):
+        proc = run(*overrides, "hydra.run.dir=run", "hydra.sweep.dir=sweep", cwd=tmp_path, multirun=multirun)
+        assert proc.returncode == 2 and len(error_lines(proc)) == 1 and error_lines(proc)[0].startswith(message), \
+            proc.stderr
+        assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_ends_with_the_command_that_resumes(tmp_path, sig):
+    proc = subprocess.Popen(run_py("norm=bn,gn", "epochs=2", "data.train_limit=400"), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("outputs/sweeps/*/*/" + files.METRICS)) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = error_lines(subprocess.CompletedProcess([], 130, "", err))
+    assert lines[-1].startswith("interrupted: rerun ") and lines[-1].endswith(" to resume") and "Traceback" not in err
+    (sweep,) = tmp_path.glob("outputs/sweeps/*")
+    command = lines[-1].removeprefix("interrupted: rerun ").removesuffix(" to resume")
+    assert f"hydra.sweep.dir={sweep}" in command
+    again = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert sorted(json.loads((job / files.SUMMARY).read_text())["status"] for job in jobs_in(sweep)) == [
+        "completed"] * 2
+    assert list(tmp_path.glob("outputs/sweeps/*")) == [sweep]  # resumed there, not in a new folder

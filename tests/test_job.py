@@ -1,16 +1,16 @@
 """When a rerun counts as the same job: settings compared, runtime keys and schema changes aside."""
-from normsweep.job import _same_job
+from normsweep.job import same_job
 
 OLD = {"norm": {"name": "bn"}, "optim": {"lr": 0.015, "max_lr": 0.015}, "threads": 1, "seed": 1}
 
 
 def test_a_changed_setting_is_another_job():
-    assert not _same_job(OLD, {**OLD, "seed": 2})
-    assert not _same_job(OLD, {**OLD, "optim": {"lr": 0.015, "max_lr": 0.03}})
-    assert not _same_job(None, OLD)
+    assert not same_job(OLD, {**OLD, "seed": 2})
+    assert not same_job(OLD, {**OLD, "optim": {"lr": 0.015, "max_lr": 0.03}})
+    assert not same_job(None, OLD)
 
 
 def test_runtime_keys_and_keys_the_schema_gained_or_lost_do_not_count():
-    assert _same_job(OLD, {**OLD, "threads": 2})
+    assert same_job(OLD, {**OLD, "threads": 2})
     upgraded = {"norm": {"name": "bn"}, "optim": {"max_lr": 0.015}, "threads": 1, "seed": 1, "cuda_graphs": True}
-    assert _same_job(OLD, upgraded)  # optim.lr removed, cuda_graphs added since the job ran
+    assert same_job(OLD, upgraded)  # optim.lr removed, cuda_graphs added since the job ran

@@ -3,6 +3,9 @@ objective, where a diverged job is a failed trial, never a number."""
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -51,3 +54,19 @@ def test_a_diverged_job_is_a_failed_trial_not_a_number(tmp_path):
     assert result["best_value"] == pytest.approx(max(completed))  # diverged trials never counted as values
     failed = proc.stdout.count("Failed experiment") + proc.stderr.count("Failed experiment")
     assert failed == statuses.count(files.STATUS_DIVERGED)
+
+
+def test_a_trials_recorded_command_reruns_that_trial_not_the_search(tmp_path):
+    """The command in a trial's summary.json names that trial's point and never the sweeper: it finds the trial
+    completed and skips it, and the search's optimization_results.yaml keeps its best point."""
+    sweep = tmp_path / "sweep"
+    assert run(*SEARCH, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path).returncode == 0
+    results = (sweep / "optimization_results.yaml").read_text()
+    job = jobs_in(sweep)[0]
+    command = json.loads((job / files.SUMMARY).read_text())["command"]
+    assert "hydra/sweeper" not in command and "hydra.sweeper" not in command
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} {command}", shell=True, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "already completed with the same config" in proc.stdout + proc.stderr
+    assert len(jobs_in(sweep)) == 2 and (sweep / "optimization_results.yaml").read_text() == results

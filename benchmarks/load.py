@@ -1,0 +1,71 @@
+"""Training beside CPU-bound hog processes (a laptop with other work open, a node that gives fewer cores than it
+reports): images/s of normsweep's trainer for each OpenMP wait policy and thread count, with no hogs and with some,
+each measured in a fresh process (the policy is read when OpenMP starts), all in one invocation.
+
+    python benchmarks/load.py --data-root data                   # 6400 MNIST images, 0 and 4 hogs
+    python benchmarks/load.py --data-root data --hogs 0 2 4 --images 3200
+
+OMP_WAIT_POLICY: ACTIVE/unset lets idle OpenMP threads spin for a while between parallel regions (fast on idle cores,
+starved when a hog holds the core the spinner waits for); PASSIVE makes them sleep. run.py sets PASSIVE unless the
+environment says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TRAIN = """
+import json, sys, time, torch
+sys.path.insert(0, {root!r})
+from benchmarks.speed import normsweep_images_per_s
+torch.set_num_threads({threads})
+print(json.dumps(normsweep_images_per_s({data_root!r}, {images}, 64, "fp32", torch.device("cpu"), False)))
+"""
+
+
+def images_per_s(data_root: Path, images: int, threads: int, policy: str | None) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    code = TRAIN.format(root=str(ROOT), threads=threads, data_root=str(data_root), images=images)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         timeout=1800)
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", type=Path, default=ROOT / "data")
+    parser.add_argument("--images", type=int, default=6400)
+    parser.add_argument("--hogs", type=int, nargs="+", default=[0, 4])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} cores; {args.images} MNIST images per measurement, batch 64, BatchNorm, fp32")
+    print(f"{'hogs':>4} {'threads':>7} {'policy':>8} {'images/s':>9}  vs 1 thread, same hogs")
+    for hogs in args.hogs:
+        hog_procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(hogs)]
+        try:
+            time.sleep(0.5 if hogs else 0)
+            one_thread = None
+            for threads in args.threads:
+                for policy in (None, "PASSIVE"):
+                    speed = images_per_s(args.data_root, args.images, threads, policy)
+                    if threads == 1 and policy is None:
+                        one_thread = speed
+                    print(f"{hogs:>4} {threads:>7} {policy or 'default':>8} {speed:>9.0f}  {speed / one_thread:.2f}x",
+                          flush=True)
+        finally:
+            for proc in hog_procs:
+                proc.kill()
+                proc.wait()
+
+
+if __name__ == "__main__":
+    main()

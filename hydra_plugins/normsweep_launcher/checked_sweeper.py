@@ -1,0 +1,28 @@
+"""hydra/sweeper=normsweep (run.py's default): Hydra's basic sweeper, which first checks every job of the sweep and
+refuses a bad one with one line before any folder is made or any job trains (Hydra's own finds a bad value only when
+that job comes up, after the jobs before it trained)."""
+from __future__ import annotations
+
+import json
+from typing import Any, List
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import open_dict
+
+
+class CheckedSweeper(BasicSweeper):
+    def sweep(self, arguments: List[str]) -> Any:
+        from normsweep import app  # here, not at Hydra's plugin scan: it loads torch
+
+        params = [*self._parse_config(), *arguments]
+        overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(params)
+        jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
+        facts = app.check_sweep(self.hydra_context.config_loader, self.config, jobs)
+        # Launchers compose each job's config anew from the sweep's Hydra overrides: one more reaches every job
+        with open_dict(self.config):
+            self.config.hydra.overrides.hydra.append(f"{app.SWEEP_FACTS_OVERRIDE}={app.hydra_quote(json.dumps(facts))}")
+        return super().sweep(arguments)
+
+    def validate_batch_is_legal(self, batch: Any) -> None:
+        pass  # app.check_sweep composed and checked every job already
