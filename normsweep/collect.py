@@ -1,46 +1,30 @@
-"""Turn run folders into results.md, results.csv and plots (plots.py). Reads files only: never imports torch,
-the model or the trainer, so it runs anywhere the run folders are."""
+"""Turn run folders (as runs.py reads them) into results.md, results.csv and plots (plots.py), and the CLI. Reads
+files only: never imports torch, the model or the trainer, so it runs anywhere the run folders are."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import numbers
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from normsweep import files, stats
+from normsweep import files, runs, stats
 
 log = logging.getLogger(__name__)
 
 ROW_KEYS = ("norm.name", "reg.name", "batch_size", "reg.l1", "reg.l2")  # always define a row, own columns
-# Settings that do not change what is measured: runs differing only in these share a row (seeds are averaged).
-VALUE_NAMES = files.JOB_METRICS
-STATUS_UNFINISHED = "unfinished"  # no summary.json and no process holding its lock: killed
-STATUS_UNREADABLE = "unreadable"  # a file of the job is corrupt: "unreadable: <file>"
 STATUS_ORDER = (files.STATUS_COMPLETED, files.STATUS_FAILED, files.STATUS_DIVERGED, files.STATUS_RUNNING,
-                STATUS_UNFINISHED)  # the order of the counts in a Status cell; unreadable ones come last
+                runs.STATUS_UNFINISHED)  # the order of the counts in a Status cell; unreadable ones come last
 
 
 class NoRunsError(Exception):
     """No readable run folder under the given directories."""
-
-
-@dataclass
-class Job:
-    path: Path
-    config: dict[str, object]  # flattened: {"norm.name": "bn", "optim.lr": 0.01, ...}
-    status: str
-    epochs_done: int
-    values: dict[str, float]  # VALUE_NAMES -> number, nan when unknown
-    metrics: pd.DataFrame  # one row per finished epoch, columns as in metrics.jsonl
 
 
 @dataclass
@@ -51,78 +35,6 @@ class Report:
     unfinished_jobs: int  # jobs not completed: failed, diverged, unfinished or unreadable
     problems: list[str] = field(default_factory=list)  # one message per unreadable file
     running_jobs: int = 0  # of the unfinished: those another process is running now
-
-
-def _warn(problems: list[str], message: str) -> None:
-    message = " ".join(message.split())  # one line, even for YAML's multi-line parser errors
-    log.warning("%s", message)
-    problems.append(message)
-
-
-def find_job_dirs(dirs: list[Path]) -> list[Path]:
-    """Every folder under dirs holding a run file; hidden folders (Hydra's .hydra) are never jobs."""
-    found = {}
-    for root in dirs:
-        for here, subdirs, names in os.walk(root):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            if {files.CONFIG, files.SUMMARY, files.METRICS} & set(names):
-                found[Path(here).resolve()] = None
-    return list(found)
-
-
-def _read_config(job_dir: Path) -> dict[str, object]:
-    config = files.flatten(yaml.safe_load((job_dir / files.CONFIG).read_text()))
-    if "norm.name" not in config or "reg.name" not in config:
-        raise KeyError("norm.name or reg.name missing")  # without them the run has no label
-    return config
-
-
-def read_job(job_dir: Path, problems: list[str]) -> Job | None:
-    """One run folder. A file that cannot be read, decoded or understood marks the job `unreadable: <file>`; its
-    row comes from Hydra's snapshot (.hydra/config.yaml) when config.yaml is the bad file. None when neither config
-    can be read, since then the job has no row to go in."""
-    bad: list[str] = []
-    try:
-        config = _read_config(job_dir)
-    except Exception as error:  # noqa: BLE001 - any damage: OSError, UnicodeDecodeError, YAML, wrong types
-        _warn(problems, f"{job_dir / files.CONFIG}: unreadable ({type(error).__name__}: {error})")
-        bad.append(files.CONFIG)
-        try:
-            config = files.flatten(yaml.safe_load((job_dir / ".hydra" / files.CONFIG).read_text()))
-            config["norm.name"], config["reg.name"]  # noqa: B018 - the row's label needs both
-        except Exception:  # noqa: BLE001
-            _warn(problems, f"{job_dir}: no readable config; job left out of the table")
-            return None
-    metrics, records = pd.DataFrame(), []
-    if (job_dir / files.METRICS).exists():
-        try:
-            records = files.read_jsonl(job_dir / files.METRICS)
-            if not all(isinstance(r, dict) for r in records):
-                raise ValueError("a line is not a JSON object")
-            metrics = pd.DataFrame(records)
-        except Exception as error:  # noqa: BLE001
-            _warn(problems, f"{job_dir / files.METRICS}: unreadable ({type(error).__name__}: {error})")
-            bad.append(files.METRICS)
-            metrics, records = pd.DataFrame(), []
-    if "epoch" not in metrics:
-        metrics["epoch"] = range(1, len(metrics) + 1)
-    summary = None
-    if (job_dir / files.SUMMARY).exists():
-        try:
-            summary = json.loads((job_dir / files.SUMMARY).read_text())
-            values = {name: float("nan" if summary.get(name) is None else summary[name]) for name in VALUE_NAMES}
-            epochs_done, status = int(summary.get("epochs_done") or len(metrics)), str(summary["status"])
-        except Exception as error:  # noqa: BLE001
-            _warn(problems, f"{job_dir / files.SUMMARY}: unreadable ({type(error).__name__}: {error})")
-            summary = None
-            bad.append(files.SUMMARY)
-    if summary is None:  # killed, still running, or unreadable summary: whatever the epochs say
-        values = {k: np.nan if v is None else float(v) for k, v in files.summarize(records).items()}
-        epochs_done = len(metrics)
-        status = files.STATUS_RUNNING if files.is_locked(job_dir) else STATUS_UNFINISHED
-    if bad:
-        status = f"{STATUS_UNREADABLE}: {', '.join(bad)}"
-    return Job(job_dir, config, status, epochs_done, values, metrics)
 
 
 def _plain(value: object) -> str:
@@ -147,31 +59,40 @@ def _sort_key(key: tuple) -> tuple:
             *((0, v) if isinstance(v, numbers.Real) else (1, _plain(v)) for v in rest))
 
 
-def _status_text(statuses: list[str]) -> str:
-    counts = Counter(statuses)
+def _status_text(jobs: list[runs.Job]) -> str:
+    """"completed", or the count of each status; then a note when the row's epochs ran under different CPU thread
+    counts (a job resumed under another, or seeds run under different ones): oneDNN's sums depend on the count, so
+    such a row is not what one thread count would give. The note is text only: the counts stay as they are."""
+    counts = Counter(job.status for job in jobs)
     if set(counts) == {files.STATUS_COMPLETED}:
-        return files.STATUS_COMPLETED
-    order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
-    return ", ".join(f"{counts[s]} {s}" for s in order)
+        text = files.STATUS_COMPLETED
+    else:
+        order = [s for s in STATUS_ORDER if s in counts] + sorted(set(counts) - set(STATUS_ORDER))
+        text = ", ".join(f"{counts[s]} {s}" for s in order)
+    threads = sorted({count for job in jobs for count in job.threads})
+    return f"{text}; threads differ: {', '.join(map(str, threads))}" if len(threads) > 1 else text
 
 
-def _row(key: tuple, keys: list[str], jobs: list[Job]) -> dict:
+def _row(key: tuple, keys: list[str], jobs: list[runs.Job]) -> dict:
     row = {"label": files.run_label(key[0], key[1]), **dict(zip(keys, key)), "seeds": len(jobs)}
-    for name in VALUE_NAMES:
+    for name in runs.VALUE_NAMES:
         values = pd.Series([job.values[name] for job in jobs], dtype=float)
         row[f"{name}_mean"] = values.mean()
-        # Seeds without this value (killed before an epoch) are left out; one seed has std 0, shown as ± 0.00.
-        row[f"{name}_std"] = values.std(ddof=1) if values.count() > 1 else 0.0
+        # Seeds without this value (killed before an epoch) are left out; one seed has no spread: std nan, not 0.
+        row[f"{name}_std"] = values.std(ddof=1) if values.count() > 1 else np.nan
         row[f"{name}_n"] = int(values.count())  # the seeds that have this value
     row["epochs_min"], row["epochs_max"] = min(j.epochs_done for j in jobs), max(j.epochs_done for j in jobs)
-    row["status"] = _status_text([job.status for job in jobs])
+    row["status"] = _status_text(jobs)
     return row
 
 
 def _markdown(rows: pd.DataFrame, extra_keys: list[str]) -> str:
     def mean_std(row: dict, name: str, decimals: int) -> str:
-        mean, std = row[f"{name}_mean"], row[f"{name}_std"]
-        return "n/a" if np.isnan(mean) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+        mean, std, n = row[f"{name}_mean"], row[f"{name}_std"], row[f"{name}_n"]
+        if np.isnan(mean):
+            return "n/a"
+        # one seed has no spread to show: its value alone, not "± 0.00"
+        return f"{mean:.{decimals}f}" if n < 2 or np.isnan(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
     cells = [{
         "Regularization": row["label"],
@@ -188,8 +109,7 @@ def _markdown(rows: pd.DataFrame, extra_keys: list[str]) -> str:
         "Status": row["status"],
         **{key: _plain(row[key]) for key in extra_keys},
     } for row in rows.to_dict("records")]
-    # disable_numparse: cells are already formatted; tabulate must not turn '0.00001' into '1e-05'
-    return pd.DataFrame(cells).to_markdown(index=False, disable_numparse=True) + "\n"
+    return stats.markdown_table(cells)
 
 
 def _names(rows: pd.DataFrame, keys: list[str]) -> list[str]:
@@ -208,31 +128,33 @@ def collect(dirs: list[Path], baseline: str | None = None, plots: bool = True) -
     dirs[0]. The differences in results.md are against the row named `baseline` (default: the first row).
 
     Raises NoRunsError or stats.BaselineError (and writes nothing) when there is no run folder with a readable
-    config, or no row of that name."""
+    config, or no row of that name. Once results.md is written nothing raises: a plot that fails is a problem."""
     dirs, problems = [Path(d) for d in dirs], []
-    job_dirs = find_job_dirs(dirs)
-    jobs = [job for job in (read_job(d, problems) for d in job_dirs) if job is not None]
+    job_dirs = runs.find_job_dirs(dirs)
+    jobs = [job for job in (runs.read_job(d, problems) for d in job_dirs) if job is not None]
     if not jobs:
         raise NoRunsError(f"no runs (folders with {files.CONFIG}) found under {', '.join(map(str, dirs))}")
+    left_out = len(job_dirs) - len(jobs)  # no readable config: not completed, and in no row
+    jobs = runs.drop_duplicates(jobs, problems)
     lock = files.FolderLock(dirs[0], files.COLLECT_LOCK)
     lock.acquire(wait=True)  # one collector at a time writes into the folder (two sweeps may end together)
     try:
-        return _write(dirs[0], job_dirs, jobs, problems, baseline, plots)
+        return _write(dirs[0], left_out, jobs, problems, baseline, plots)
     finally:
         lock.release()
 
 
-def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[str], baseline: str | None,
+def _write(out_dir: Path, left_out: int, jobs: list[runs.Job], problems: list[str], baseline: str | None,
            plots: bool) -> Report:
     all_keys = dict.fromkeys(k for job in jobs for k in job.config)  # config order, first seen first
     extra_keys = [k for k in all_keys if k not in ROW_KEYS and k != "seed" and not files.is_runtime_key(k)
                   and len({job.config.get(k) for job in jobs}) > 1]
     keys = [*ROW_KEYS, *extra_keys]
-    groups: dict[tuple, list[Job]] = {}
+    groups: dict[tuple, list[runs.Job]] = {}
     for job in jobs:
         groups.setdefault(tuple(job.config.get(k) for k in keys), []).append(job)
     ordered = sorted(groups.items(), key=lambda item: _sort_key(item[0]))
-    rows = stats.add_intervals(pd.DataFrame([_row(key, keys, group) for key, group in ordered]), VALUE_NAMES)
+    rows = stats.add_intervals(pd.DataFrame([_row(key, keys, group) for key, group in ordered]), runs.VALUE_NAMES)
     markdown = _markdown(rows, extra_keys) + stats.differences_markdown(rows, _names(rows, keys[2:]), baseline)
     _write_tables(out_dir, rows, markdown)
     if plots:
@@ -243,49 +165,84 @@ def _write(out_dir: Path, job_dirs: list[Path], jobs: list[Job], problems: list[
 
             tracking.log_collected(out_dir, [job.path for job in jobs])
         except Exception as error:  # noqa: BLE001 - the table stands; say why MLflow did not get it
-            _warn(problems, f"MLflow: results not logged ({type(error).__name__}: {error})")
-    unfinished = len(job_dirs) - sum(job.status == files.STATUS_COMPLETED for job in jobs)
+            runs.warn(problems, f"MLflow: results not logged ({type(error).__name__}: {error})")
+    unfinished = left_out + sum(job.status != files.STATUS_COMPLETED for job in jobs)
     running = sum(job.status == files.STATUS_RUNNING for job in jobs)
     return Report(rows, markdown, out_dir, unfinished, problems, running)
 
 
-def _plot(out_dir: Path, rows: pd.DataFrame, keys: list[str], ordered: list[tuple[tuple, list[Job]]], jobs: list[Job],
-          problems: list[str]) -> None:
+def _plot(out_dir: Path, rows: pd.DataFrame, keys: list[str], ordered: list[tuple[tuple, list[runs.Job]]],
+          jobs: list[runs.Job], problems: list[str]) -> None:
     # imported here: matplotlib is slow to load, and --no-plots and --from-csv never draw
-    from normsweep.plots import FACTOR_PLOT_MIN, plot_batch_size, plot_curves, plot_factors, plot_misclassified
+    from normsweep import plots
 
-    plot_curves(_names(rows, keys[2:]), [group for _, group in ordered], out_dir / files.CURVES_PNG)
+    def draw(path: Path, plot: Callable[[], object]) -> None:
+        try:
+            plot()
+        except Exception as error:  # noqa: BLE001 - results.md is written; the other plots are drawn all the same
+            runs.warn(problems, f"{path}: not drawn ({type(error).__name__}: {error})")
+
+    path = out_dir / files.CURVES_PNG
+    draw(path, lambda: plots.plot_curves(_names(rows, keys[2:]), [group for _, group in ordered], path))
     if rows["batch_size"].nunique() > 1:
         # one line per setting other than the batch size and what follows it (a learning rate scaled with it)
         line_keys = [k for k in keys[2:] if k != "batch_size" and not _follows_batch_size(rows, k)]
-        plot_batch_size(rows, _names(rows, line_keys), out_dir / files.BATCH_SIZE_PNG)
-    factors = [k for k in ("reg.l1", "reg.l2") if (rows[k] > 0).sum() >= FACTOR_PLOT_MIN]
+        draw(out_dir / files.BATCH_SIZE_PNG,
+             lambda: plots.plot_batch_size(rows, _names(rows, line_keys), out_dir / files.BATCH_SIZE_PNG))
+    # a factor's plot needs a few values of it on its log axis: the default sweep's one L1 value would be one point
+    factors = [k for k in ("reg.l1", "reg.l2")
+               if pd.to_numeric(rows[k], errors="coerce").loc[lambda s: s > 0].nunique() >= plots.FACTOR_PLOT_MIN]
     if factors:
-        plot_factors(rows, factors, out_dir / files.FACTORS_PNG)
-    for job in jobs:
-        try:
-            problem = plot_misclassified(job)
-            if problem:
-                _warn(problems, problem)
-        except OSError as error:  # e.g. a folder where misclassified.png should be: the table stands
-            _warn(problems, f"{job.path / files.MISCLASSIFIED_PNG}: not written ({error})")
+        draw(out_dir / files.FACTORS_PNG, lambda: plots.plot_factors(rows, factors, out_dir / files.FACTORS_PNG))
+    for job in jobs:  # drawn once per job: a sweep's later collections (a rerun, a resume) skip what is drawn
+        if job.misclassified is not None and not runs.grid_is_drawn(job):
+            path = job.path / files.MISCLASSIFIED_PNG
+            draw(path, lambda: plots.plot_misclassified(job, path))
 
 
 def _write_tables(out_dir: Path, rows: pd.DataFrame, markdown: str) -> None:
-    files.remove_stale_temp_files(out_dir)
+    files.remove_stale_temp_files(out_dir, files.SWEEP_FILES)
     # results.md goes first and comes back last: whenever it exists, results.csv beside it is its data
     (out_dir / files.RESULTS_MD).unlink(missing_ok=True)
     files.write_atomic(out_dir / files.RESULTS_CSV, rows.to_csv(index=False))
     files.write_atomic(out_dir / files.RESULTS_MD, markdown)
 
 
+def _checked_csv(rows: pd.DataFrame) -> pd.DataFrame:
+    """A results.csv read back, with its intervals; ValueError naming the first cell no table of this collector
+    holds. One seed's std is left empty (older tables wrote 0)."""
+    if rows.empty:
+        raise ValueError("no rows below the header")
+    if rows["label"].isna().any():
+        raise ValueError("a row without a label")
+    after_seeds = list(rows.columns[rows.columns.get_loc("seeds"):])
+    for column in ["batch_size", "reg.l1", "reg.l2", *after_seeds]:
+        if column != "status" and not pd.api.types.is_numeric_dtype(rows[column]):
+            bad = rows[column][pd.to_numeric(rows[column], errors="coerce").isna() & rows[column].notna()]
+            raise ValueError(f"{column} of row {bad.index[0] + 1} is {bad.iloc[0]!r}, not a number")
+    if not (rows["seeds"] >= 1).all() or not (rows["seeds"] % 1 == 0).all():
+        raise ValueError("seeds is not a whole number from 1 in every row")
+    rows = stats.add_intervals(rows, runs.VALUE_NAMES)
+    for name in runs.VALUE_NAMES:
+        std, n = rows[f"{name}_std"], rows[f"{name}_n"]
+        if not ((n >= 0) & (n % 1 == 0)).all():
+            raise ValueError(f"{name}_n is not a whole number from 0 in every row")
+        if (std < 0).any():
+            raise ValueError(f"{name}_std of row {int(np.flatnonzero(std < 0)[0]) + 1} is negative")
+        if (std.isna() & (n >= 2)).any():
+            raise ValueError(f"{name}_std is empty in a row of several seeds")
+        rows[f"{name}_std"] = std.astype(float).where(n >= 2)
+    return rows
+
+
 def rebuild_from_csv(csv_path: Path, baseline: str | None = None) -> str:
     """results.md (and results.csv, with confidence intervals added) beside a results.csv, from its means, stds and
     seed counts alone: for tables whose job folders are gone. -> the markdown."""
-    rows = pd.read_csv(csv_path)
+    rows = pd.read_csv(csv_path, dtype={"label": str, "status": str})  # a label "1" stays text
     keys = list(rows.columns[1:rows.columns.get_loc("seeds")])  # the row keys, then the extra keys, as written
-    rows = stats.add_intervals(rows, VALUE_NAMES)
-    markdown = _markdown(rows, keys[len(ROW_KEYS):]) + stats.differences_markdown(rows, _names(rows, keys[2:]), baseline)
+    rows = _checked_csv(rows)
+    names = _names(rows, keys[2:])
+    markdown = _markdown(rows, keys[len(ROW_KEYS):]) + stats.differences_markdown(rows, names, baseline)
     lock = files.FolderLock(csv_path.parent, files.COLLECT_LOCK)
     lock.acquire(wait=True)
     try:
@@ -297,7 +254,8 @@ def rebuild_from_csv(csv_path: Path, baseline: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: exit 0 when every job completed, 1 when some did not, 2 when there is nothing to collect, 3 when the
-    table could not be written (the message says why; results.md is then absent or older than the jobs)."""
+    table could not be written (the message says why; results.md is then absent or older than the jobs). A plot
+    that could not be drawn is a warning: the exit code is about the table."""
     parser = argparse.ArgumentParser(prog="normsweep-collect", description=__doc__)
     parser.add_argument("dirs", nargs="*", type=Path, metavar="SWEEP_DIR",
                         help="sweep or run folders, searched recursively; results go into the first")
@@ -313,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     handler = logging.StreamHandler(sys.stderr)  # the CLI shows its warnings; under Hydra, Hydra's handlers do
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    log.addHandler(handler)
+    loggers = (log, runs.log)  # not the package's: run as `-m normsweep.collect`, this module logs as __main__
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         if args.from_csv is not None:
             try:
@@ -321,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             except stats.BaselineError as error:
                 log.error("%s", error)
                 return 2
-            except (OSError, ValueError, KeyError) as error:
-                log.error("%s: not a results.csv of this collector (%s: %s)", args.from_csv, type(error).__name__, error)
+            except Exception as error:  # noqa: BLE001 - any CSV this collector did not write: one line, no traceback
+                log.error("%s: not a results.csv of this collector (%s: %s)", args.from_csv, type(error).__name__,
+                          " ".join(str(error).split()))
                 return 2
             return 0
         if not args.dirs:
@@ -347,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("%d job(s) did not complete%s: see the Status column", report.unfinished_jobs, elsewhere)
         return 1 if report.unfinished_jobs else 0
     finally:
-        log.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
 
 
 if __name__ == "__main__":

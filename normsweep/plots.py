@@ -1,11 +1,10 @@
 """The collector's figures: curves of all rows, best test accuracy against batch size and against the
-regularization factors, and each job's misclassified grid. matplotlib without pyplot; never torch."""
+regularization factors, and each job's misclassified grid, from what the collector read. matplotlib without pyplot;
+never torch, and no file reading (runs.py reads and checks the run folders)."""
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -13,9 +12,7 @@ from matplotlib.figure import Figure  # no pyplot: no global figure registry, no
 from matplotlib.ticker import MaxNLocator
 
 from normsweep import files
-
-if TYPE_CHECKING:
-    from normsweep.collect import Job
+from normsweep.runs import Job
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -125,26 +122,16 @@ def plot_factors(rows: pd.DataFrame, factors: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_misclassified(job: Job) -> str | None:
-    """misclassified.png in the job folder: the test images the final model got wrong, 2 rows of 5. -> a problem to
-    report when its file is unreadable, else None."""
-    source = job.path / files.MISCLASSIFIED
-    if not source.exists():
-        return None
-    try:
-        data = json.loads(source.read_text())
-        items = data["items"]
-        class_names = data.get("class_names") or [str(i) for i in range(10)]
-        images = [np.asarray(item["image"], dtype=np.uint8) for item in items[:files.MISCLASSIFIED_SHOWN]]  # each (28, 28)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        return f"{source}: unreadable ({error!r}); no {files.MISCLASSIFIED_PNG}"
+def plot_misclassified(job: Job, path: Path) -> None:
+    """misclassified.png: the test images the job's final model got wrong (job.misclassified, read and checked by
+    runs.read_misclassified), 2 rows of 5."""
+    grid = job.misclassified
     fig = Figure(figsize=(10, 5.2), layout="constrained")
-    for ax, item, image in zip(fig.subplots(2, -(-files.MISCLASSIFIED_SHOWN // 2)).ravel(), items, images):
+    for ax, (actual, predicted, image) in zip(fig.subplots(2, -(-files.MISCLASSIFIED_SHOWN // 2)).ravel(), grid.panels):
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
         # two lines: one line overlaps the next panel's title for long class names ("Ankle boot")
-        ax.set_title(f"actual {class_names[item['actual']]}\npredicted {class_names[item['predicted']]}", fontsize=9)
+        ax.set_title(f"actual {actual}\npredicted {predicted}", fontsize=9)
     for ax in fig.axes:
         ax.axis("off")
-    fig.suptitle(data.get("label") or files.run_label(job.config["norm.name"], job.config["reg.name"]))
-    _save(fig, job.path / files.MISCLASSIFIED_PNG)
-    return None
+    fig.suptitle(grid.label or files.run_label(job.config["norm.name"], job.config["reg.name"]))
+    _save(fig, path)

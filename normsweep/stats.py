@@ -1,8 +1,10 @@
 """The table's statistics, from each row's mean, sample standard deviation and number of seeds: 95 % t confidence
-intervals, and every row's difference against a baseline row with Welch's t-test (scipy.stats). No torch."""
+intervals, and every row's difference against a baseline row with Welch's t-test (scipy.stats); and the markdown of
+the tables, escaped. No torch."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -54,6 +56,20 @@ def add_intervals(rows: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
     return rows
 
 
+def markdown_cell(value: object) -> str:
+    """A table cell that cannot break its table: line breaks become spaces, `|` becomes `\\|` (a backslash before it
+    doubled, or it would escape the escape). Labels and extra keys come from config values, which may hold either."""
+    text = " ".join(str(value).splitlines())
+    return re.sub(r"(\\*)\|", lambda match: match.group(1) * 2 + "\\|", text)
+
+
+def markdown_table(cells: list[dict[str, str]]) -> str:
+    """A markdown table of one dict per row (keys: the headings), every cell escaped."""
+    escaped = [{markdown_cell(k): markdown_cell(v) for k, v in row.items()} for row in cells]
+    # disable_numparse: cells are already formatted; tabulate must not turn '0.00001' into '1e-05'
+    return pd.DataFrame(escaped).to_markdown(index=False, disable_numparse=True) + "\n"
+
+
 def baseline_index(names: list[str], baseline: str | None) -> int:
     if baseline is None:
         return 0
@@ -94,8 +110,8 @@ def differences_markdown(rows: pd.DataFrame, names: list[str], baseline: str | N
             cell[f"Δ {title} (95 % CI)"] = shown
             cell[f"p ({title})"] = f"n < {MIN_SEEDS} †" if min(n, base_n) < MIN_SEEDS else _p(p)
         cells.append(cell)
-    title = (f"\n## Differences against the baseline: {names[base]}\n\n"
+    title = (f"\n## Differences against the baseline: {markdown_cell(names[base])}\n\n"
              "Row minus baseline, mean over seeds; 95 % confidence interval and two-sided p-value of Welch's t-test "
              f"(unequal variances) over the seeds, n = seeds of the row / of the baseline. † fewer than {MIN_SEEDS} "
              "seeds on a side: no p-value.\n\n")
-    return title + pd.DataFrame(cells).to_markdown(index=False, disable_numparse=True) + "\n"
+    return title + markdown_table(cells)

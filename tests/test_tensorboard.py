@@ -44,7 +44,7 @@ def read_board(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def expected_scalars(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
     rows = read_jsonl(job_dir / files.METRICS)
     return {key: [(row["epoch"], pytest.approx(row[key], rel=1e-6)) for row in rows]  # stored as float32
-            for key in rows[0] if key != "epoch"}
+            for key in rows[0] if key not in files.ROW_FACTS}
 
 
 def test_every_epoch_metric_is_a_scalar(tmp_path):
