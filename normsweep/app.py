@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from normsweep import files
 from normsweep.config import Config
@@ -45,16 +45,20 @@ def remove_what_hydra_made(hydra_cfg: DictConfig) -> None:
     own = [f"{hydra_cfg.job.name}.log", files.LOCK]  # the lock: prepare_job may have taken it before refusing
     if hydra_cfg.output_subdir is not None:
         own += [f"{hydra_cfg.output_subdir}/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    def remove(folder: Path, names: list[str]) -> None:
+        if str(folder) in NEW_FOLDERS:  # made by Hydra for this run: a folder that was there before always stays
+            files.remove_created(folder, names, STARTED)
+
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        files.remove_created(job_dir, own, STARTED)
+        remove(job_dir, own)
         return
-    sweep_dir = Path(hydra.utils.to_absolute_path(str(hydra_cfg.sweep.dir)))
+    sweep_dir = Path(os.path.abspath(hydra.utils.to_absolute_path(str(hydra_cfg.sweep.dir))))
     if sweep_dir == job_dir:  # hydra.sweep.subdir=.
-        files.remove_created(job_dir, [*own, MULTIRUN_YAML], STARTED)
+        remove(job_dir, [*own, MULTIRUN_YAML])
         return
-    files.remove_created(job_dir, own, STARTED)
+    remove(job_dir, own)
     if sweep_dir in job_dir.parents:  # never a folder above the sweep's
-        files.remove_created(sweep_dir, [MULTIRUN_YAML], STARTED)
+        remove(sweep_dir, [MULTIRUN_YAML])
 
 
 def threads_per_job(threads: int, launcher: DictConfig) -> int:
@@ -143,7 +147,7 @@ def with_schema(cfg: DictConfig) -> DictConfig:
         closest = difflib.get_close_matches(str(key), known, n=1)
         hint = f"; did you mean {closest[0]}?" if closest else " (python run.py --help lists every key)"
         raise ValueError(f"unknown key {key}{hint}") from None
-    except ValidationError as e:
+    except OmegaConfBaseException as e:  # a wrong type, an interpolation that does not resolve (${nope}), ...
         raise ValueError(" ".join(str(e).split("\n")[0].split())) from None
 
 
@@ -173,12 +177,44 @@ def check(config: DictConfig) -> tuple[Path, dict]:
     job_dir = job_dir_of(hydra_cfg)
     task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     cfg, resolved = settle(task, hydra_cfg)
-    check_job(cfg, resolved, job_dir, sweep_dir_of(hydra_cfg, job_dir))
+    sweep_dir = sweep_dir_of(hydra_cfg, job_dir)
+    check_hydras_paths(hydra_cfg, job_dir, sweep_dir)
+    check_job(cfg, resolved, job_dir, sweep_dir)
+    NEW_FOLDERS.update(str(folder) for folder in (job_dir, sweep_dir) if not os.path.lexists(folder))
     if hydra_cfg.mode == RunMode.MULTIRUN:
         note_folder("hydra.sweep.dir", sweep_dir_of(hydra_cfg, job_dir))
     else:
         note_folder("hydra.run.dir", job_dir)
     return job_dir, resolved
+
+
+def check_hydras_paths(hydra_cfg: DictConfig, job_dir: Path, sweep_dir: Path) -> None:
+    """Hydra writes the job's snapshot and log and the sweep's multirun.yaml through whatever is there (a symlink's
+    target, a FIFO it then blocks on), and so would the loggers and the collector: refuse anything there but a
+    regular file or folder of one's own. Raises ValueError."""
+    for folder in {job_dir, sweep_dir}:
+        if folder.is_symlink():
+            raise ValueError(f"{folder} is a symlink: normsweep writes only into folders that are what they say; "
+                             "point hydra.run.dir / hydra.sweep.dir at the real folder")
+    snapshot = job_dir / str(hydra_cfg.output_subdir) if hydra_cfg.output_subdir is not None else None
+    for folder in filter(None, (snapshot, job_dir / files.TENSORBOARD_DIR, sweep_dir / "mlartifacts")):
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise ValueError(f"{folder} is not a folder of normsweep's (a symlink or a file): move it away and rerun")
+    for lock in (files.COLLECT_LOCK, files.MLFLOW_LOCK):
+        files.check_lock_file(sweep_dir / lock)
+    own = [job_dir / f"{hydra_cfg.job.name}.log", sweep_dir / "mlflow.db", *(sweep_dir / n for n in files.SWEEP_FILES)]
+    if snapshot is not None:
+        own += [snapshot / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        own.append(sweep_dir / MULTIRUN_YAML)
+    for path in own:
+        files.check_own_file(path)
+
+
+# Folders that did not exist when check() saw them (so Hydra made them for this process), noted before Hydra makes
+# them: remove_what_hydra_made removes a folder only when it is here. Jobs that other processes prepare (joblib,
+# submitit) were not checked by them, so their folders are never removed, only ever left behind.
+NEW_FOLDERS: set[str] = set()
 
 
 def sweep_dir_of(hydra_cfg: DictConfig, job_dir: Path) -> Path:
@@ -189,7 +225,8 @@ def sweep_dir_of(hydra_cfg: DictConfig, job_dir: Path) -> Path:
 
 def refuse(error: Exception) -> NoReturn:
     """One line on stderr and exit code 2, which passes through Hydra's launchers and stops a sweep."""
-    print(f"error: {error}", file=sys.stderr)
+    print(f"error: {' '.join(str(error).splitlines()[0].split()) if str(error) else type(error).__name__}",
+          file=sys.stderr)  # the first line: OmegaConf's errors add lines for the key and the object type
     raise SystemExit(2) from error
 
 
@@ -316,6 +353,11 @@ def cli(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print(f"interrupted: rerun {resume_command()} to resume", file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as e:  # Hydra making or writing a folder that cannot be written (a job's own are recorded)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; choose a folder you can write (hydra.run.dir / hydra.sweep.dir)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _interrupt(signum: int, frame: object) -> None:

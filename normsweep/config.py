@@ -107,7 +107,10 @@ class Config:
     # on cuda, capture the training step as CUDA graphs (one per batch size of an epoch) and replay them;
     # false keeps the eager step. No effect on CPU.
     cuda_graphs: bool = True
-    threads: int = 0  # torch CPU threads for this job; 0 = all cores given to the process
+    # torch CPU threads for this job. 1 by default: it never collapses when other work shares the cores (two threads
+    # did 13x slower beside CPU-bound processes: benchmarks/load.py), and it gives the same numbers on any machine.
+    # 0 = all cores given to the process, or their share per job (hydra/launcher=joblib; SLURM's cpus_per_task)
+    threads: int = 1
     # what a job returns to Hydra's sweeper when it completes (hydra/sweeper=optuna optimizes it); a job that
     # failed or diverged returns its status instead, which Optuna records as a failed trial
     objective: Objective = Objective.best_test_acc

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import platform
+import re
 import stat
 import tempfile
 import time
@@ -28,9 +29,11 @@ RESULTS_CSV = "results.csv"
 CURVES_PNG = "curves.png"
 BATCH_SIZE_PNG = "batch_size.png"
 FACTORS_PNG = "factors.png"  # best test accuracy against reg.l1 / reg.l2 when a sweep searched them
+SWEEP_FILES = (RESULTS_MD, RESULTS_CSV, CURVES_PNG, BATCH_SIZE_PNG, FACTORS_PNG)  # what the collector writes
 
 LOCK = ".lock"  # held (flock) by the one process running the job; says who in its content
 COLLECT_LOCK = ".collect.lock"  # held by the collector writing the table into a folder
+MLFLOW_LOCK = ".mlflow.lock"  # held while a job creates the sweep's MLflow store, experiment and parent run
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 STATUS_DIVERGED = "diverged"
@@ -121,10 +124,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def remove_stale_temp_files(folder: Path) -> None:
-    """Temp files of write_atomic that a kill left behind; call only while no one else writes into folder."""
+def remove_stale_temp_files(folder: Path, names: tuple[str, ...]) -> None:
+    """Temp files that write_atomic made for the files `names` and a kill left behind (.<name>.<random>.tmp, regular
+    files only); any other file, a user's .notes.tmp included, stays. Call only while no one else writes there."""
+    pattern = re.compile(rf"\.({'|'.join(map(re.escape, names))})\.[A-Za-z0-9_]+\.tmp")
     for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+        if pattern.fullmatch(tmp.name) and tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
 
 
 def check_own_file(path: Path) -> None:
@@ -142,15 +148,21 @@ def check_own_file(path: Path) -> None:
 def remove_created(folder: Path, names: list[str], since: float) -> None:
     """Undo a run that was refused after it made `folder`: remove the files `names` (paths inside folder) and then
     the folders, but only when folder holds nothing else and every one of those files was written since `since`
-    (this process's start). A folder that held anything before, a file the run did not write, or a file that
+    (this process's start). A folder that held anything else, a file the run did not write, or a file that
     appeared meanwhile keeps everything: this never deletes what someone else put there."""
     folder = Path(folder)
     wanted = {folder / name for name in names}
+    found = []
     try:
-        found = [Path(here) / name for here, dirs, names_here in os.walk(folder) for name in names_here + [
-            d for d in dirs if (Path(here) / d).is_symlink()]]
-        if not all(path in wanted and not path.is_symlink() and path.stat().st_mtime >= since for path in found):
-            return
+        for here, dirs, names_here in os.walk(folder):  # stops at the first entry that is not ours
+            for path in [Path(here) / name for name in names_here] + [Path(here) / d for d in dirs]:
+                if path.is_symlink() or (path not in wanted and not (path.is_dir() and path in
+                                                                    {w.parent for w in wanted})):
+                    return
+                if path.is_file():
+                    if path.stat().st_mtime < since:
+                        return
+                    found.append(path)
         for path in found:
             path.unlink()
         # deepest first; rmdir refuses a folder that is not empty, so nothing that appeared meanwhile is lost
@@ -182,6 +194,23 @@ def open_regular(path: Path, flags: int) -> int:
     return fd
 
 
+def _is_ours(content: bytes) -> bool:
+    """Empty (just made), or what FolderLock writes into its file: {"pid": ..., "host": ..., "since": ...}."""
+    if not content.strip():
+        return True
+    try:
+        return set(json.loads(content)) == {"pid", "host", "since"}
+    except (ValueError, TypeError):
+        return False
+
+
+def check_lock_file(path: Path) -> None:
+    """Raises NotRegularFileError unless path is absent or a lock file of normsweep's (never a symlink or a FIFO)."""
+    check_own_file(path)
+    if Path(path).is_file() and not _is_ours(Path(path).read_bytes()[:4096]):
+        raise NotRegularFileError(f"{path} is not a lock of normsweep's: move it away and rerun")
+
+
 class FolderLock:
     """An exclusive lock on <folder>/.lock for as long as one process works in the folder.
 
@@ -201,6 +230,10 @@ class FolderLock:
         except BlockingIOError:
             os.close(fd)
             return False
+        if not _is_ours(os.pread(fd, 4096, 0)):  # a file of that name that someone else wrote: keep it
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise NotRegularFileError(f"{self.path} is not a lock of normsweep's: move it away and rerun")
         holder = {"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)

@@ -50,8 +50,14 @@ def same_job(old: dict | None, new: dict) -> bool:
     if not isinstance(old, dict):
         return False
     old_flat, new_flat = files.flatten(old), files.flatten(new)
+    if not all(key in old_flat for key in IDENTITY_KEYS):  # not a job's config at all (a file of the user's)
+        return False
     shared = old_flat.keys() & new_flat.keys()
     return all(old_flat[k] == new_flat[k] for k in shared if not files.is_runtime_key(k))
+
+
+# keys every job's config.yaml has held since the first release: a config.yaml without them is nobody's job
+IDENTITY_KEYS = ("norm.name", "reg.name", "batch_size", "epochs", "seed")
 
 
 def _read_previous(path: Path, parse: Callable[[str], object]) -> dict | None:
@@ -90,15 +96,18 @@ def check_job(cfg: Config, resolved: dict, job_dir: Path, sweep_dir: Path | None
             cfg = dataclasses.replace(cfg, logger=dataclasses.replace(cfg.logger, tracking_uri=uri))
             resolved = {**resolved, "logger": {**resolved["logger"], "tracking_uri": uri}}
         tracking.check_reachable(cfg.logger.tracking_uri)
-    for name in (files.CONFIG, files.LOCK, *RESULT_FILES):
+    for name in (files.CONFIG, *RESULT_FILES):
         files.check_own_file(job_dir / name)
+    files.check_lock_file(job_dir / files.LOCK)
     _refuse_other_results(job_dir, resolved)
     return cfg, resolved
 
 
 def _refuse_other_results(job_dir: Path, resolved: dict) -> None:
     """A completed or interrupted run of another config (or of one that cannot be read) is never replaced."""
-    results = [name for name in RESULT_FILES if (job_dir / name).exists()]
+    # config.yaml too: written just before training starts, it is all a job killed in its first epoch leaves, and
+    # a file of that name may be the user's own
+    results = [name for name in (files.CONFIG, *RESULT_FILES) if (job_dir / name).exists()]
     if results and not same_job(_read_previous(job_dir / files.CONFIG, yaml.safe_load), resolved):
         raise ValueError(f"{job_dir} holds the results of {_whose(job_dir / files.CONFIG, resolved)}, which are "
                          "never replaced: move that folder aside (or pick another hydra.run.dir / hydra.sweep.dir) "
@@ -108,8 +117,10 @@ def _refuse_other_results(job_dir: Path, resolved: dict) -> None:
 def _whose(config_path: Path, resolved: dict) -> str:
     """'another config (dropout=0.2 there, 0.03 here)', or why the folder's config cannot be compared."""
     old = _read_previous(config_path, yaml.safe_load)
-    if old is None:
-        return f"a run whose {config_path.name} is {'unreadable' if config_path.exists() else 'missing'}"
+    if old is None and not config_path.exists():
+        return f"a run whose {config_path.name} is missing"
+    if old is None or not all(key in files.flatten(old) for key in IDENTITY_KEYS):
+        return f"a run whose {config_path.name} is unreadable or not a normsweep job's config"
     old_flat, new_flat = files.flatten(old), files.flatten(resolved)
     differ = [f"{k}={old_flat[k]} there, {new_flat[k]} here" for k in old_flat.keys() & new_flat.keys()
               if not files.is_runtime_key(k) and old_flat[k] != new_flat[k]]
@@ -130,7 +141,7 @@ def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None 
         log.warning("skipping %s: it is running in %s", job_dir.name, lock.holder())
         return files.STATUS_RUNNING
     try:
-        files.remove_stale_temp_files(job_dir)  # the lock says no one else is writing here
+        files.remove_stale_temp_files(job_dir, (files.CONFIG, *RESULT_FILES))  # the lock: no one else writes here
         _refuse_other_results(job_dir, resolved)  # again: another process may have run a job here since the check
         if _completed_with_same_config(job_dir, resolved):
             log.info("skipping %s: already completed with the same config", job_dir.name)

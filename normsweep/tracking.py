@@ -18,13 +18,22 @@ ARTIFACTS = (files.CONFIG, files.SUMMARY, files.METRICS, files.MISCLASSIFIED)
 SWEEP_ARTIFACTS = (files.RESULTS_MD, files.RESULTS_CSV, files.CURVES_PNG, files.BATCH_SIZE_PNG, files.FACTORS_PNG)
 
 
+# the address schemes MLflow's tracking stores take (its REST client, file store and SQLAlchemy databases)
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
 def default_uri(folder: Path) -> str:
     """The local store: an SQLite file in the sweep folder (or the run folder of a single run)."""
     return f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
 
 
 def check_reachable(uri: str) -> None:
-    """Raises ValueError (one line) when a tracking server does not answer; local stores are created on use."""
+    """Raises ValueError (one line) when the address is not one MLflow stores runs at, or a tracking server does not
+    answer; local stores are created on use."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "file"  # postgresql+psycopg2:// too
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(f"logger.tracking_uri={uri}: MLflow stores runs at http(s)://<server>, sqlite:///<file>, "
+                         f"file:///<folder> or a database URL, not {scheme}://; or leave it null for a local store")
     if not uri.startswith(("http://", "https://")):
         return
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not after minutes of retries
@@ -57,7 +66,7 @@ class JobTracker:
     def __init__(self, uri: str, job_dir: Path, sweep_dir: Path, run_name: str, params: dict, tags: dict):
         self.job_dir = job_dir
         # one process at a time creates the store, the experiment and the sweep's parent run
-        lock = files.FolderLock(sweep_dir, ".mlflow.lock")
+        lock = files.FolderLock(sweep_dir, files.MLFLOW_LOCK)
         lock.acquire(wait=True)
         try:
             self.client, experiment = _client_and_experiment(uri, sweep_dir)

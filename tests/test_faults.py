@@ -177,6 +177,10 @@ def tree(folder) -> dict[str, bytes]:
     (True, ("epochs=1,0", "hydra.sweep.dir=.")),  # the bad combination comes second: none trains
     (True, ("epochs=0", "hydra.sweep.dir=.", "hydra.sweep.subdir=.")),
     (True, ("epochs=1", "batch_size=64,1", "hydra.sweep.dir=sweep")),  # a folder of the user's beside its notes
+    (True, ("epochs=1", "hydra.sweep.dir=/proc/normsweep-sweep")),  # a folder that cannot be made
+    (False, ("epochs=1", "hydra.run.dir=/proc/normsweep-run")),
+    (False, ("dropout=${nope}", "hydra.run.dir=.")),  # OmegaConf's error: three lines of its own
+    (False, ("logger=mlflow", "logger.tracking_uri=garbage://x", "hydra.run.dir=.")),
 ])
 def test_refused_input_leaves_the_users_folder_exactly_as_it_was(tmp_path, multirun, overrides):
     (tmp_path / "notes.txt").write_text("my notes")
@@ -329,3 +333,51 @@ def test_an_interrupt_ends_with_the_command_that_resumes(tmp_path, sig):
     assert sorted(json.loads((job / files.SUMMARY).read_text())["status"] for job in jobs_in(sweep)) == [
         "completed"] * 2
     assert list(tmp_path.glob("outputs/sweeps/*")) == [sweep]  # resumed there, not in a new folder
+
+
+def plant(folder, name: str, kind: str, victim) -> None:
+    """Something not normsweep's where it (or Hydra for it) writes: a file of the user's, a symlink to their file or
+    folder, a FIFO."""
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        path.write_text("my: own file\n")
+    elif kind == "link":
+        path.symlink_to(victim)
+    elif kind == "fifo":
+        os.mkfifo(path)
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("config.yaml", "file"), ("summary.json", "file"), (".lock", "file"), (".lock", "link"),
+    ("run.log", "link"), ("run.log", "fifo"), (".hydra", "link"), (".hydra/config.yaml", "link"),
+    ("multirun.yaml", "link"), ("multirun.yaml", "fifo"), (".collect.lock", "file"), ("mlflow.db", "link"),
+    ("results.md", "link"), ("metrics.jsonl", "fifo"), ("tensorboard", "link"),
+])
+def test_what_is_not_normsweeps_where_it_writes_is_refused_and_kept(tmp_path, name, kind):
+    """Into the user's own folder (hydra.run.dir=., or a sweep with hydra.sweep.subdir=.): one line, exit 2, before
+    Hydra writes anything, and every file there and every file a link points to exactly as it was."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.yaml").write_text("the victim's\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("my notes")
+    plant(work, name, kind, victim / "config.yaml" if kind == "link" and "." in name.split("/")[-1][1:] else victim)
+    before = tree(tmp_path)
+    where = ("hydra.sweep.dir=.", "hydra.sweep.subdir=.") if name == "multirun.yaml" else ("hydra.run.dir=.",)
+    proc = run("epochs=1", "data.train_limit=64", *where, cwd=work, multirun=name == "multirun.yaml", timeout=60)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+    assert tree(tmp_path) == before
+
+
+def test_a_users_temp_files_and_empty_folders_stay(tmp_path):
+    """Only normsweep's own temp files (.<its file>.<random>.tmp) are cleaned up; a folder the user made stays even
+    when the run is refused after Hydra wrote into it."""
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / ".notes.tmp").write_text("mine")
+    assert run("epochs=1", "data.train_limit=64", "hydra.run.dir=job", cwd=tmp_path, multirun=False).returncode == 0
+    assert (tmp_path / "job" / ".notes.tmp").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    proc = run("data=mnist", "data.root=/proc/normsweep-data", "hydra.run.dir=empty", cwd=tmp_path, multirun=False)
+    assert proc.returncode == 2 and (tmp_path / "empty").is_dir()

@@ -32,7 +32,7 @@ def test_slurm_launcher_defaults_and_overrides():
     launcher = slurm_launcher()
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.timeout_min, launcher.cpus_per_task, launcher.gpus_per_node, launcher.mem_gb,
-            launcher.array_parallelism, launcher.max_num_timeout) == (None, 60, 2, None, 8, 32, 2)
+            launcher.array_parallelism, launcher.max_num_timeout) == (None, 60, 1, None, 8, 32, 2)
     launcher = slurm_launcher("hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=1",
                               "hydra.launcher.timeout_min=120")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
