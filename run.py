@@ -2,7 +2,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from normsweep import app
+from normsweep import app, cli
 from normsweep.config import register_configs
 
 register_configs()
@@ -15,4 +15,4 @@ def main(cfg: DictConfig) -> str:
 
 if __name__ == "__main__":
     app.let_job_processes_import_normsweep()
-    app.cli(main)
+    cli.cli(main)

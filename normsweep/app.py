@@ -6,23 +6,20 @@ import difflib
 import json
 import logging
 import os
-import re
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import NoReturn
 
 import hydra
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from normsweep import files
+from normsweep import cli, files, progress
 from normsweep.config import Config
 from normsweep.data import DataError
 from normsweep.job import JobRun, check_job, prepare_job, same_job
@@ -82,16 +79,6 @@ def threads_per_job(threads: int, launcher: DictConfig) -> int:
     return max(1, cores // jobs)
 
 
-def hydra_quote(value: str) -> str:
-    """value as one token of Hydra's override grammar: quoted when it holds anything the grammar treats specially
-    (`,` makes a sweep, `=` `'` `$` `[` ...), with the escapes Hydra's parser undoes (backslashes before a quote or
-    at the end, the quote itself, `${` that would interpolate)."""
-    if re.fullmatch(r"[\w/.+\-~@%]*", value):
-        return value
-    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
-    return "'" + escaped.replace("${", "\\${") + "'"
-
-
 def config_source_args(hydra_cfg: DictConfig) -> list[str]:
     """--config-path / --config-dir / --config-name of this job's config, when they are not run.py's own."""
     args = []
@@ -119,8 +106,8 @@ def job_command(hydra_cfg: DictConfig) -> str:
         mode, dir_key, folder = [], "hydra.run.dir", hydra_cfg.runtime.output_dir
     hydra_overrides = [o for o in hydra_cfg.overrides.hydra
                        if not o.startswith(("hydra.mode=", f"{dir_key}=", "hydra/sweeper=", "hydra.sweeper.",
-                                            SWEEP_FACTS_OVERRIDE))]
-    folder_override = f"{dir_key}={hydra_quote(str(Path(hydra.utils.to_absolute_path(str(folder)))))}"
+                                            progress.SWEEP_FACTS_OVERRIDE))]
+    folder_override = f"{dir_key}={cli.hydra_quote(str(Path(hydra.utils.to_absolute_path(str(folder)))))}"
     return shlex.join([str(RUN_PY), *config_source_args(hydra_cfg), *mode, *hydra_overrides, folder_override,
                        *hydra_cfg.overrides.task])
 
@@ -181,10 +168,7 @@ def check(config: DictConfig) -> tuple[Path, dict]:
     check_hydras_paths(hydra_cfg, job_dir, sweep_dir)
     check_job(cfg, resolved, job_dir, sweep_dir)
     NEW_FOLDERS.update(str(folder) for folder in (job_dir, sweep_dir) if not os.path.lexists(folder))
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        note_folder("hydra.sweep.dir", sweep_dir_of(hydra_cfg, job_dir))
-    else:
-        note_folder("hydra.run.dir", job_dir)
+    cli.note_folder(*(("hydra.sweep.dir", sweep_dir) if hydra_cfg.mode == RunMode.MULTIRUN else ("hydra.run.dir", job_dir)))
     return job_dir, resolved
 
 
@@ -243,9 +227,6 @@ def prepare(cfg: DictConfig) -> JobRun | str:
         refuse(e)
 
 
-SKIPPED = {files.STATUS_COMPLETED: "skipped, completed already", files.STATUS_RUNNING: "skipped, running elsewhere"}
-
-
 def stop_unless_completed(job_dir: Path, status: str, stop: bool) -> None:
     """A single run, or a sweep with fail_fast=true, exits non-zero when its job did not complete."""
     if status == files.STATUS_COMPLETED or not stop:
@@ -263,12 +244,12 @@ def main(cfg: DictConfig) -> float | str:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     if isinstance(job, str):
         status = job
-        report_progress(hydra_cfg, job_dir, SKIPPED[status])
+        progress.report(hydra_cfg, job_dir, progress.SKIPPED[status])
     else:
-        report_progress(hydra_cfg, job_dir, "started")
+        progress.report(hydra_cfg, job_dir, "started")
         started = time.time()
         status = job.run()
-        report_progress(hydra_cfg, job_dir, f"{status} in {duration(time.time() - started)}")
+        progress.report(hydra_cfg, job_dir, f"{status} in {progress.duration(time.time() - started)}")
     stop_unless_completed(job_dir, status, HydraConfig.get().mode == RunMode.RUN or cfg.fail_fast)
     return objective_of(job_dir, str(cfg.objective)) if status == files.STATUS_COMPLETED else status
 
@@ -296,100 +277,4 @@ def check_sweep(config_loader: ConfigLoader, config: DictConfig, jobs: list[list
         except (ValueError, DataError) as e:
             refuse(ValueError(f"the job {' '.join(overrides) or '(no overrides)'}: {e}"))
     return {"jobs": len(jobs), "epochs": sum(resolved["epochs"] for _, resolved in folders.values()),
-            "epochs_before": epochs_in(list(folders)), "started": time.time()}
-
-
-# The sweeper hands each job its sweep's facts in hydra.job.env_set (Hydra's per-job settings, which reach every
-# launcher's jobs): {"jobs": N, "epochs": total, "epochs_before": done before this run, "started": time}.
-SWEEP_FACTS = "NORMSWEEP_SWEEP"
-SWEEP_FACTS_OVERRIDE = f"++hydra.job.env_set.{SWEEP_FACTS}"  # how the sweeper adds them; never in a job's command
-
-
-def epochs_in(job_dirs: list[Path]) -> int:
-    """Epochs finished in these job folders (lines of their metrics.jsonl)."""
-    def count(path: Path) -> int:
-        try:
-            return sum(1 for line in path.read_text().splitlines() if line.strip())
-        except (OSError, UnicodeDecodeError):
-            return 0
-    return sum(count(job_dir / files.METRICS) for job_dir in job_dirs)
-
-
-def duration(seconds: float) -> str:
-    """3m12s, 45s, 1h02m."""
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def report_progress(hydra_cfg: DictConfig, job_dir: Path, what: str) -> None:
-    """One line for a job that starts or ends: `job 3/6 bn-l1-bs64-s1: completed in 3m12s; sweep 50 % after 9m40s,
-    about 9m left` (the estimate from the epochs this run has finished so far), whatever the launcher."""
-    facts = hydra_cfg.job.get("env_set", {}).get(SWEEP_FACTS)
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return
-    if not facts:  # another sweeper (a search): the job's number alone
-        log.info("job %d %s: %s", hydra_cfg.job.num + 1, job_dir.name, what)
-        return
-    facts = json.loads(facts)
-    done, elapsed = epochs_in([d for d in job_dir.parent.iterdir() if d.is_dir()]), time.time() - facts["started"]
-    sweep = f"sweep {100 * min(done, facts['epochs']) / max(facts['epochs'], 1):.0f} % after {duration(elapsed)}"
-    if done > facts["epochs_before"] and done < facts["epochs"]:
-        left = elapsed * (facts["epochs"] - done) / (done - facts["epochs_before"])
-        sweep += f", about {duration(left)} left"
-    log.info("job %d/%d %s: %s; %s", hydra_cfg.job.num + 1, facts["jobs"], job_dir.name, what, sweep)
-
-
-def cli(main: Callable[[], object]) -> None:
-    """run.py's entry point around Hydra's main: Hydra's own composition errors become one line with exit code 2, as
-    the project's are, and an interrupt (Ctrl-C, SIGTERM) ends with the command that resumes, exit code 130."""
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors here instead of printing them on many lines
-    signal.signal(signal.SIGTERM, _interrupt)  # kill's default: the same way out as Ctrl-C
-    try:
-        main()
-    except HydraException as e:
-        print(f"error: {composition_error(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(f"interrupted: rerun {resume_command()} to resume", file=sys.stderr)
-        raise SystemExit(130) from None
-    except OSError as e:  # Hydra making or writing a folder that cannot be written (a job's own are recorded)
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; choose a folder you can write (hydra.run.dir / hydra.sweep.dir)",
-              file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def composition_error(error: HydraException) -> str:
-    """Hydra's message as one line: an unknown choice lists the valid ones, a bad value names the key and the type."""
-    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
-        group, _, value = str(error.missing_cfg_file).rpartition("/")
-        return f"{group}={value} is not a choice; choose one of {', '.join(error.options)}"
-    message = str(error).split("\n")[0]
-    if error.__cause__ is not None:  # OmegaConf's reason: "Value 'abc' of type 'str' could not be converted to Integer"
-        message += ": " + str(error.__cause__).split("\n")[0]
-    return " ".join(message.split())
-
-
-def resume_command() -> str:
-    """This process's command line with the folder it writes into made explicit (a timestamped default would start
-    a new folder), so that running it again resumes: completed jobs are skipped, interrupted ones resume."""
-    args = sys.argv[1:]
-    if WRITING_INTO:  # else interrupted before the checks: the same command starts afresh anyway
-        key, folder = WRITING_INTO
-        args = [a for a in args if not a.startswith(f"{key}=")] + [f"{key}={hydra_quote(folder)}"]
-    return shlex.join([sys.executable, sys.argv[0], *args])
-
-
-# The one folder this process writes into, as (its Hydra key, its absolute path), noted by check() and check_sweep()
-# before Hydra makes it, for the line an interrupt prints. Set once per process (Hydra's own record of it is gone by
-# the time the interrupt reaches cli()), read only by resume_command().
-WRITING_INTO: list[str] = []
-
-
-def note_folder(key: str, folder: Path) -> None:
-    WRITING_INTO[:] = [key, str(folder)]
+            "epochs_before": progress.epochs_in(list(folders)), "started": time.time()}

@@ -279,8 +279,9 @@ def _obtain_idx(spec: _IdxSpec, root: str | Path, sources: tuple[_Source, ...]) 
             failures.append(f"{source} failed ({_one_line(e)})")
             logger.debug("%s: %s", spec.folder, failures[-1])  # an error only if no source works: then raised below
             continue
-        tried = f" ({'; '.join(failures)} first)" if failures else ""
-        logger.info("%s: fetched into %s via %s%s; MD5s match the official ones", spec.folder, raw_dir, source, tried)
+        tried = [name for name, _ in sources[:sources.index((source, fetch))]]  # what failed first: debug lines above
+        logger.info("%s: fetched into %s via %s%s; MD5s match the official ones", spec.folder, raw_dir, source,
+                    f" (after {' and '.join(tried)} failed)" if tried else "")
         return raw_dir
     system = f", or install {spec.system_package} (it puts them in {spec.system_dir})" if spec.system_dir else ""
     raise DataError(f"No {spec.folder} under {raw_dir}: {'; '.join(failures)}. Fix: copy the four IDX files "

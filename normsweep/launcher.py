@@ -16,7 +16,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from normsweep import app
+from normsweep import app, progress
 from normsweep.job import JobRun
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,13 @@ class GpuLauncher(Launcher):
                 root.handlers = sweep_handlers
                 ret = self._prepare(idx, overrides)
                 if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, JobRun):
-                    app.report_progress(ret.hydra_cfg.hydra, ret.return_value.job_dir, "started")
+                    progress.report(ret.hydra_cfg.hydra, ret.return_value.job_dir, "started")
                     started[idx] = time.time()
                     running.append((idx, ret, ret.return_value, list(root.handlers)))  # the job's log file among them
                 else:
                     if ret.status == JobStatus.COMPLETED:
                         job_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir)
-                        app.report_progress(ret.hydra_cfg.hydra, job_dir, app.SKIPPED[ret.return_value])
+                        progress.report(ret.hydra_cfg.hydra, job_dir, progress.SKIPPED[ret.return_value])
                     returns[idx] = ret  # skipped (already completed), or failed before training
             for entry in list(running):
                 idx, ret, job, handlers = entry
@@ -79,8 +79,8 @@ class GpuLauncher(Launcher):
                 if job.advance():
                     continue
                 ret.return_value = job.status
-                app.report_progress(ret.hydra_cfg.hydra, job.job_dir,
-                                    f"{job.status} in {app.duration(time.time() - started[idx])}")
+                progress.report(ret.hydra_cfg.hydra, job.job_dir,
+                                    f"{job.status} in {progress.duration(time.time() - started[idx])}")
                 returns[idx] = ret
                 running.remove(entry)
                 app.stop_unless_completed(job.job_dir, job.status, job.cfg.fail_fast)

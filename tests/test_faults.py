@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO, jobs_in, metrics, run, run_py
 from normsweep import files
-from normsweep.app import hydra_quote
+from normsweep.cli import hydra_quote
 
 pytestmark = pytest.mark.slow  # every test here runs run.py in subprocesses
 

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import run
-from normsweep.app import duration
+from normsweep.progress import duration
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from omegaconf import open_dict
 
 class CheckedSweeper(BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
-        from normsweep import app  # here, not at Hydra's plugin scan: it loads torch
+        from normsweep import app, cli, progress  # here, not at Hydra's plugin scan: app loads torch
 
         params = [*self._parse_config(), *arguments]
         overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(params)
@@ -21,7 +21,7 @@ class CheckedSweeper(BasicSweeper):
         facts = app.check_sweep(self.hydra_context.config_loader, self.config, jobs)
         # Launchers compose each job's config anew from the sweep's Hydra overrides: one more reaches every job
         with open_dict(self.config):
-            self.config.hydra.overrides.hydra.append(f"{app.SWEEP_FACTS_OVERRIDE}={app.hydra_quote(json.dumps(facts))}")
+            self.config.hydra.overrides.hydra.append(f"{progress.SWEEP_FACTS_OVERRIDE}={cli.hydra_quote(json.dumps(facts))}")
         return super().sweep(arguments)
 
     def validate_batch_is_legal(self, batch: Any) -> None:
