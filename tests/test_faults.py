@@ -363,7 +363,7 @@ def test_what_is_not_normsweeps_where_it_writes_is_refused_and_kept(tmp_path, na
     work = tmp_path / "work"
     work.mkdir()
     (work / "notes.txt").write_text("my notes")
-    plant(work, name, kind, victim / "config.yaml" if kind == "link" and "." in name.split("/")[-1][1:] else victim)
+    plant(work, name, kind, victim if name in (".hydra", "tensorboard") else victim / "config.yaml")  # folder or file
     before = tree(tmp_path)
     where = ("hydra.sweep.dir=.", "hydra.sweep.subdir=.") if name == "multirun.yaml" else ("hydra.run.dir=.",)
     proc = run("epochs=1", "data.train_limit=64", *where, cwd=work, multirun=name == "multirun.yaml", timeout=60)
