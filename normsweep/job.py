@@ -1,5 +1,6 @@
 """One job's life in its folder: skip it when it already completed with the same config, resume it from its
-checkpoint when it was interrupted, start it afresh when its config changed; always end with summary.json."""
+checkpoint when it was interrupted, refuse (never replace) a folder that holds another config's results; always end
+with summary.json."""
 from __future__ import annotations
 
 import dataclasses
@@ -129,7 +130,7 @@ def _whose(config_path: Path, resolved: dict) -> str:
 
 def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None,
                 sweep_dir: Path | None = None) -> "JobRun | str":
-    """Everything before the first training step: checks, the job's lock, the skip/resume/restart decision, the
+    """Everything before the first training step: checks, the job's lock, the skip/resume decision, the
     config file. -> the job, ready to train and holding its lock, or its status when it already completed
     (or is running in another process, which holds the lock). `sweep_dir`: the folder of the job's sweep
     (default: the job folder's parent), where logger=mlflow keeps its store and parent run."""
