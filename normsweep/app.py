@@ -20,13 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from normsweep import cli, files, progress
-from normsweep.config import Config
+from normsweep.config import Config, config_source_args
 from normsweep.data import DataError
 from normsweep.job import JobRun, check_job, prepare_job, same_job
 from normsweep.train import cores_given
 
 RUN_PY = files.CHECKOUT / "run.py"
-CONF_DIR = files.CHECKOUT / "conf"
 MULTIRUN_YAML = "multirun.yaml"  # Hydra writes it into the sweep folder
 # Taken when this module loads, before Hydra writes a job's files: a file older than this is not this run's to remove
 # (a second back: the file system's clock is coarser than time.time()).
@@ -77,22 +76,6 @@ def threads_per_job(threads: int, launcher: DictConfig) -> int:
     cores = cores_given()
     jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's meaning of negative n_jobs
     return max(1, cores // jobs)
-
-
-def config_source_args(hydra_cfg: DictConfig) -> list[str]:
-    """--config-path / --config-dir / --config-name of this job's config, when they are not run.py's own."""
-    args = []
-    for source in hydra_cfg.runtime.config_sources:
-        path = str(source.path)
-        if source.schema != "file":
-            continue
-        if source.provider == "main" and Path(path).resolve() != CONF_DIR:
-            args += ["--config-path", str(Path(path).resolve())]
-        elif source.provider == "command-line":
-            args += ["--config-dir", str(Path(path).resolve())]
-    if hydra_cfg.job.config_name != "config":
-        args += ["--config-name", str(hydra_cfg.job.config_name)]
-    return args
 
 
 def job_command(hydra_cfg: DictConfig) -> str:

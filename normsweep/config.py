@@ -29,6 +29,9 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
+CONF_DIR = files.CHECKOUT / "conf"  # run.py's own config folder
+
+
 def _choice(name: str, values) -> type[Choice]:
     return Choice(name, {value: value for value in values}, module=__name__, qualname=name)
 
@@ -137,11 +140,7 @@ def config_tag(*, _root_: DictConfig) -> str:
     """'-' and 8 hex digits of the job's whole config (runtime keys aside) when its folder name, made from its choices
     and its command-line overrides, does not say all of it: when a preset (experiment=...) or a config of the user's
     own (--config-dir, --config-path, --config-name) set values. Two such jobs then never share a folder. '' else."""
-    runtime = _root_.hydra.runtime
-    own_config = _root_.hydra.job.config_name == "config" and all(
-        source.provider in ("hydra", "schema") or (source.provider == "main" and _is_conf_dir(source.path))
-        for source in runtime.config_sources)
-    if own_config and runtime.choices.get("experiment") is None:
+    if not config_source_args(_root_.hydra) and _root_.hydra.runtime.choices.get("experiment") is None:
         return ""
     task = {key: OmegaConf.to_container(_root_[key], resolve=True, enum_to_str=True) if OmegaConf.is_config(
         _root_[key]) else _root_[key] for key in _root_ if key != "hydra"}  # hydra holds this very interpolation
@@ -149,8 +148,21 @@ def config_tag(*, _root_: DictConfig) -> str:
     return "-" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _is_conf_dir(path: str) -> bool:
-    return Path(path.removeprefix("file://")).resolve() == files.CHECKOUT / "conf"
+def config_source_args(hydra_cfg: DictConfig) -> list[str]:
+    """--config-path / --config-dir / --config-name of a job's config when they are not run.py's own (conf/config.yaml
+    of this checkout); [] when they are."""
+    args = []
+    for source in hydra_cfg.runtime.config_sources:
+        if source.schema != "file":
+            continue
+        path = Path(str(source.path)).resolve()
+        if source.provider == "main" and path != CONF_DIR:
+            args += ["--config-path", str(path)]
+        elif source.provider == "command-line":
+            args += ["--config-dir", str(path)]
+    if hydra_cfg.job.config_name != "config":
+        args += ["--config-name", str(hydra_cfg.job.config_name)]
+    return args
 
 
 def validate(cfg: Config) -> None:

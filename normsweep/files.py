@@ -152,12 +152,12 @@ def remove_created(folder: Path, names: list[str], since: float) -> None:
     appeared meanwhile keeps everything: this never deletes what someone else put there."""
     folder = Path(folder)
     wanted = {folder / name for name in names}
+    wanted_dirs = {path.parent for path in wanted}  # .hydra/ for .hydra/config.yaml
     found = []
     try:
         for here, dirs, names_here in os.walk(folder):  # stops at the first entry that is not ours
             for path in [Path(here) / name for name in names_here] + [Path(here) / d for d in dirs]:
-                if path.is_symlink() or (path not in wanted and not (path.is_dir() and path in
-                                                                    {w.parent for w in wanted})):
+                if path.is_symlink() or path not in (wanted | wanted_dirs if path.is_dir() else wanted):
                     return
                 if path.is_file():
                     if path.stat().st_mtime < since:
@@ -184,7 +184,8 @@ def open_regular(path: Path, flags: int) -> int:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EISDIR):  # O_NOFOLLOW on a symlink; a folder opened for writing
-            raise NotRegularFileError(f"{path} is a symlink where normsweep keeps a file of its own: remove it "
+            what = "a symlink" if e.errno == errno.ELOOP else "a folder"
+            raise NotRegularFileError(f"{path} is {what} where normsweep keeps a file of its own: move it away "
                                       "and rerun") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -15,6 +15,7 @@ class CheckedSweeper(BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from normsweep import app, cli, progress  # here, not at Hydra's plugin scan: app loads torch
 
+        # The jobs as BasicSweeper.sweep cuts them (the same three calls), but before it makes the sweep folder
         params = [*self._parse_config(), *arguments]
         overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(params)
         jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
