@@ -169,7 +169,9 @@ def check_hydras_paths(hydra_cfg: DictConfig, job_dir: Path, sweep_dir: Path) ->
             raise ValueError(f"{folder} is not a folder of normsweep's (a symlink or a file): move it away and rerun")
     for lock in (files.COLLECT_LOCK, files.MLFLOW_LOCK):
         files.check_lock_file(sweep_dir / lock)
-    own = [job_dir / f"{hydra_cfg.job.name}.log", sweep_dir / "mlflow.db", *(sweep_dir / n for n in files.SWEEP_FILES)]
+    for name in files.SWEEP_FILES:  # the end-of-sweep collection writes them: a user's results.md there stays
+        files.check_collectors_file(sweep_dir / name)
+    own = [job_dir / f"{hydra_cfg.job.name}.log", sweep_dir / "mlflow.db"]
     if snapshot is not None:
         own += [snapshot / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
     if hydra_cfg.mode == RunMode.MULTIRUN:

@@ -156,9 +156,10 @@ def _write(out_dir: Path, left_out: int, jobs: list[runs.Job], problems: list[st
     ordered = sorted(groups.items(), key=lambda item: _sort_key(item[0]))
     rows = stats.add_intervals(pd.DataFrame([_row(key, keys, group) for key, group in ordered]), runs.VALUE_NAMES)
     markdown = _markdown(rows, extra_keys) + stats.differences_markdown(rows, _names(rows, keys[2:]), baseline)
+    not_ours = _not_ours(out_dir)  # told before the tables are written: an older plot is ours beside our table
     _write_tables(out_dir, rows, markdown)
     if plots:
-        _plot(out_dir, rows, keys, ordered, jobs, problems)
+        _plot(out_dir, rows, keys, ordered, jobs, problems, not_ours)
     if any((job.path / files.MLFLOW_RUN).exists() for job in jobs):  # logger=mlflow: the table and plots go there too
         try:
             from normsweep import tracking
@@ -171,13 +172,27 @@ def _write(out_dir: Path, left_out: int, jobs: list[runs.Job], problems: list[st
     return Report(rows, markdown, out_dir, unfinished, problems, running)
 
 
+def _not_ours(out_dir: Path) -> dict[Path, Exception]:
+    """The files of the collector's names in out_dir that it did not write, with why: they are never replaced."""
+    refused = {}
+    for name in files.SWEEP_FILES:
+        try:
+            files.check_collectors_file(out_dir / name)
+        except (OSError, ValueError) as error:
+            refused[out_dir / name] = error
+    return refused
+
+
 def _plot(out_dir: Path, rows: pd.DataFrame, keys: list[str], ordered: list[tuple[tuple, list[runs.Job]]],
-          jobs: list[runs.Job], problems: list[str]) -> None:
+          jobs: list[runs.Job], problems: list[str], not_ours: dict[Path, Exception]) -> None:
     # imported here: matplotlib is slow to load, and --no-plots and --from-csv never draw
     from normsweep import plots
 
     def draw(path: Path, plot: Callable[[], object]) -> None:
         try:
+            if path in not_ours:  # someone else's curves.png stays
+                raise not_ours[path]
+            files.check_own_file(path)  # a job's misclassified.png: the job folder is the job's
             plot()
         except Exception as error:  # noqa: BLE001 - results.md is written; the other plots are drawn all the same
             runs.warn(problems, f"{path}: not drawn ({type(error).__name__}: {error})")
@@ -201,6 +216,8 @@ def _plot(out_dir: Path, rows: pd.DataFrame, keys: list[str], ordered: list[tupl
 
 
 def _write_tables(out_dir: Path, rows: pd.DataFrame, markdown: str) -> None:
+    for name in (files.RESULTS_MD, files.RESULTS_CSV):  # a user's own results.md is never replaced
+        files.check_collectors_file(out_dir / name)
     files.remove_stale_temp_files(out_dir, files.SWEEP_FILES)
     # results.md goes first and comes back last: whenever it exists, results.csv beside it is its data
     (out_dir / files.RESULTS_MD).unlink(missing_ok=True)

@@ -145,6 +145,46 @@ def check_own_file(path: Path) -> None:
         raise NotRegularFileError(f"{path} is not a regular file where normsweep writes one: remove it and rerun")
 
 
+# How each file the collector writes begins (a PNG carries the collector's name in its Software field): a file of
+# that name that begins otherwise is someone else's, and is never replaced
+COLLECTOR_MARKS = {RESULTS_MD: b"| Regularization", RESULTS_CSV: b"label,"}
+COLLECTOR_PNG_MARK = b"normsweep-collect"
+
+
+def check_collectors_file(path: Path) -> None:
+    """Raises NotRegularFileError unless path is missing or is a file the collector wrote (check_own_file, then its
+    first bytes): a user's own results.md or curves.png in a sweep folder is kept, not replaced by a table."""
+    path = Path(path)
+    check_own_file(path)
+    if not path.exists():
+        return
+    fd = open_regular(path, os.O_RDONLY)
+    try:
+        head = os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    mark = COLLECTOR_MARKS.get(path.name)
+    if mark is not None:
+        ours = head.startswith(mark)
+    else:  # plots before the mark came in: matplotlib's, beside a table of the collector's
+        ours = COLLECTOR_PNG_MARK in head or (b"Matplotlib" in head and _begins(path.parent / RESULTS_MD,
+                                                                              COLLECTOR_MARKS[RESULTS_MD]))
+    if not ours:
+        raise NotRegularFileError(f"{path} is not a file the collector wrote, and it writes one of that name there: "
+                                  "move it away and rerun")
+
+
+def _begins(path: Path, mark: bytes) -> bool:
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except (OSError, NotRegularFileError):
+        return False
+    try:
+        return os.pread(fd, len(mark), 0) == mark
+    finally:
+        os.close(fd)
+
+
 def remove_created(folder: Path, names: list[str], since: float) -> None:
     """Undo a run that was refused after it made `folder`: remove the files `names` (paths inside folder) and then
     the folders, but only when folder holds nothing else and every one of those files was written since `since`

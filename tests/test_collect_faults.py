@@ -442,3 +442,30 @@ def test_without_threads_per_epoch_the_epochs_give_the_counts(tmp_path):
     assert main([str(tmp_path), "--no-plots"]) == 1  # the killed job did not complete: the note changes nothing
     status = table_column((tmp_path / files.RESULTS_MD).read_text(), "Status")
     assert status == ["1 completed, 1 unfinished; threads differ: 2, 4"]
+
+
+@pytest.mark.parametrize("name", [files.RESULTS_MD, files.RESULTS_CSV, files.CURVES_PNG])
+def test_a_users_own_file_of_a_collector_name_is_never_replaced(tmp_path, capsys, name):
+    """A results.md, results.csv or curves.png that the collector did not write (no table header, no mark in the
+    PNG) stays byte for byte: the tables then are not written (exit 3, one line), a plot is not drawn (a warning)."""
+    sweep = tmp_path / "sweep"
+    two_row_sweep(sweep)
+    mine = b"\x89PNG\r\n\x1a\nmy own plot, Matplotlib" if name.endswith(".png") else b"my own notes\n"
+    (sweep / name).write_bytes(mine)
+    code = main([str(sweep)])
+    assert (sweep / name).read_bytes() == mine
+    lines = [line for line in errors(capsys) if "not a file the collector wrote" in line]
+    assert len(lines) == 1 and name in lines[0]
+    assert code == (0 if name.endswith(".png") else 3)
+
+
+def test_the_collectors_own_files_are_rewritten_older_plots_included(tmp_path):
+    """Its own tables and plots, the marked PNGs and a matplotlib PNG of an older version beside its table, are its
+    to replace on the next collection."""
+    sweep = tmp_path / "sweep"
+    two_row_sweep(sweep)
+    assert main([str(sweep)]) == 0
+    assert files.COLLECTOR_PNG_MARK in (sweep / files.CURVES_PNG).read_bytes()[:4096]
+    (sweep / files.CURVES_PNG).write_bytes(b"\x89PNG\r\n\x1a\n...Software Matplotlib version3.9...")  # an older one
+    assert main([str(sweep)]) == 0
+    assert files.COLLECTOR_PNG_MARK in (sweep / files.CURVES_PNG).read_bytes()[:4096]

@@ -381,3 +381,16 @@ def test_a_users_temp_files_and_empty_folders_stay(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = run("data=mnist", "data.root=/proc/normsweep-data", "hydra.run.dir=empty", cwd=tmp_path, multirun=False)
     assert proc.returncode == 2 and (tmp_path / "empty").is_dir()
+
+
+def test_a_users_results_md_in_the_sweep_folder_stops_the_sweep_before_it_trains(tmp_path):
+    """The end-of-sweep collection would write results.md there: a file of the user's by that name is found before
+    the first job, and stays."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / files.RESULTS_MD).write_text("# my notes on this study\n")
+    proc = run("norm=bn,gn", "epochs=1", "data.train_limit=64", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+    assert "not a file the collector wrote" in proc.stderr
+    assert sorted(p.name for p in sweep.iterdir()) == [files.RESULTS_MD]
+    assert (sweep / files.RESULTS_MD).read_text() == "# my notes on this study\n"
