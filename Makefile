@@ -10,9 +10,10 @@ DATA_ROOT ?= data
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# reinstall when the dependencies change
+# reinstall when the dependencies change. editable_mode=compat puts the checkout itself on sys.path, so that Hydra's
+# plugin scan (pkgutil) finds hydra_plugins/ in any process; setuptools' default editable finder hides it from pkgutil
 $(STAMP): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[dev,parallel,slurm,mlflow,search]'  # their tests run in make test
+	$(PY) -m pip install -q -e '.[dev,parallel,slurm,mlflow,search]' --config-settings editable_mode=compat  # their tests run in make test
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -9,7 +9,8 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> str:
+@app.task
+def main(cfg: DictConfig) -> float | str:
     return app.main(cfg)
 
 

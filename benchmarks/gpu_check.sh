@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check of the CUDA path in one go, for a session that is lent a GPU machine (see README, "On a GPU"):
-# the CUDA tests, the speed benchmark (reference, eager, graphs; one 20-epoch run), then the 6-run 20-epoch sweep
-# with hydra/launcher=gpu on real MNIST, collected. Each step has a time limit, so one hang cannot spend the loan.
+# the CUDA tests, the speed benchmark (reference, eager, graphs; one 20-epoch run), the 6-run and 18-job 20-epoch
+# sweeps fused and unfused (benchmarks/speed.py --compare), then the 18-job sweep fused on real MNIST, collected
+# (its rows' means against the unfused run's spread: the accuracy check). Each step has a time limit, so one hang cannot spend the loan.
 # Usage, in the project root there: bash benchmarks/gpu_check.sh [data root]
 # Logs, the sweep's tables and the sweep folder (sweep.tgz) land in $OUT when the device tool sets it, else gpu-check/.
 set -uo pipefail
@@ -19,11 +20,16 @@ echo "exit $?"; tail -30 "$out/cuda-tests.log"
 echo "== speed: reference, eager, CUDA graphs, one 20-epoch run"
 timeout 120 python3 benchmarks/speed.py --data-root "$data" --device cuda --run-epochs 20 2>&1 | tee "$out/speed.log"
 
-echo "== the 6-run sweep, 20 epochs, hydra/launcher=gpu"
+echo "== the 6-run and the 18-job sweeps, 20 epochs, hydra/launcher=gpu fused and unfused"
+timeout 150 python3 benchmarks/speed.py --data-root "$data" --device cuda --sweep --compare 2>&1 | tee "$out/sweep6.log"
+timeout 300 python3 benchmarks/speed.py --data-root "$data" --device cuda --sweep --compare --seeds 1,2,3 2>&1 \
+    | tee "$out/sweep18.log"
+
+echo "== the 18-job sweep, 20 epochs, hydra/launcher=gpu (fused), kept and collected"
 sweep=/tmp/gpu-sweep
 rm -rf "$sweep"
 started=$(date +%s.%N)
-timeout 180 python3 run.py -m norm=bn,gn,ln reg=l1,l2 device=cuda hydra/launcher=gpu data.root="$data" \
+timeout 120 python3 run.py -m norm=bn,gn,ln reg=l1,l2 seed=1,2,3 device=cuda hydra/launcher=gpu data.root="$data" \
     hydra.sweep.dir="$sweep" >"$out/sweep.log" 2>&1
 status=$?
 echo "exit $status after $(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s wall clock"

@@ -6,6 +6,9 @@ normsweep's trainer on the same real MNIST images, in one run; and a sweep mode 
     python benchmarks/speed.py --data-root data --sweep --epochs 2   # 6-run sweep at 1 and 2 epochs, extrapolated
     python benchmarks/speed.py --data-root data --device cuda        # reference, eager and CUDA-graph step on a GPU
     python benchmarks/speed.py --data-root data --sweep hydra/launcher=gpu device=cuda   # the sweep on one GPU
+    python benchmarks/speed.py --data-root data --sweep --epochs 1 --compare data.train_limit=12000
+        # the 6-run sweep under each launcher in one run (basic, joblib, gpu fused and unfused), ratios to basic
+    python benchmarks/speed.py --data-root data --device cuda --sweep --compare --seeds 1,2,3   # the 18-job sweep
 
 The reference pipeline lives here only, never in the product's code path.
 """
@@ -30,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 from normsweep.config import Config  # noqa: E402
 from normsweep.data import load_data, obtain_mnist  # noqa: E402
 from normsweep.model import build_model  # noqa: E402
-from normsweep.step import DeviceStep, JobContext, make_optimizer, make_scheduler  # noqa: E402
-from normsweep.train import DeviceData, drain, keep_freed_memory, split_batches, train_one_epoch  # noqa: E402
+from normsweep.runtime import keep_freed_memory  # noqa: E402
+from normsweep.step import Lane, Step, make_optimizer, momentum_buffers  # noqa: E402
+from normsweep.train import DeviceData, drain, steps_per_epoch  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -102,25 +106,21 @@ def reference_images_per_s(raw_dir: Path, images: int, batch_size: int, workers:
 
 def normsweep_images_per_s(data_root: Path, images: int, batch_size: int, precision: str, device: torch.device,
                            graphs: bool) -> float:
-    """The trainer as training() sets it up (allocator setting, model layout), for batch norm: the eager step, or
-    (graphs) the device step replayed as CUDA graphs, timed over one epoch after its capture."""
+    """The trainer as training() sets it up (allocator setting, model layout), for batch norm: its one step run
+    eagerly, or (graphs) replayed as CUDA graphs, timed over one epoch after its capture."""
     keep_freed_memory()  # process-wide: main() runs the reference pipeline first, so it keeps glibc's defaults
     cfg = Config(batch_size=batch_size, epochs=1, precision=precision)
     data = DeviceData.from_dataset(load_data("mnist", data_root, train_limit=images, test_limit=1000), device)
-    with JobContext(device):
-        model = build_model(cfg.norm, cfg.dropout, device, torch.get_num_threads())
-        optimizer = make_optimizer(model.parameters(), cfg)
-        steps = len(split_batches(torch.arange(len(data.train_labels)), batch_size))
-        scheduler = make_scheduler(optimizer, cfg, steps)
-        if graphs:
-            step = DeviceStep(model, optimizer, data, cfg, steps, steps_done=0, capture=True)
-            epoch = step.epoch()
-        else:
-            epoch = train_one_epoch(model, optimizer, scheduler, data, cfg)
-        sync(device)
-        started = time.perf_counter()
-        drain(epoch)
-        sync(device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.norm, cfg.dropout, device, torch.get_num_threads())
+    optimizer = make_optimizer(model.parameters(), cfg)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    step = Step(model, [Lane(cfg, generator, 0, momentum_buffers(optimizer))], data,
+                steps_per_epoch(len(data.train_labels), batch_size), capture=graphs)
+    sync(device)
+    started = time.perf_counter()
+    drain(step.epoch())
+    sync(device)
     return len(data.train_labels) / (time.perf_counter() - started)
 
 
@@ -133,6 +133,23 @@ def time_run(data_root: Path, epochs: int, device: str) -> float:
         started = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         return time.perf_counter() - started
+
+
+COMPARED = {  # --compare: the launchers timed on the same sweep, in this order
+    "basic": ["hydra/launcher=basic"],
+    "joblib": ["hydra/launcher=joblib"],  # n_jobs: Hydra's default, one job per core
+    "gpu fused": ["hydra/launcher=gpu"],
+    "gpu unfused": ["hydra/launcher=gpu", "hydra.launcher.fuse=false"],
+}
+
+
+def compare_launchers(data_root: Path, epochs: int, extra: list[str], device: str) -> None:
+    """The same sweep under each launcher (on CUDA the gpu launcher only, fused and unfused), with ratios."""
+    names = [n for n in COMPARED if device != "cuda" or n.startswith("gpu")]
+    seconds = {name: time_sweep(data_root, epochs, [*COMPARED[name], f"device={device}", *extra]) for name in names}
+    base = seconds[names[0]]
+    for name in names:
+        print(f"{name:12s} {seconds[name]:7.1f} s   {base / seconds[name]:.2f}x {names[0]}", flush=True)
 
 
 def time_sweep(data_root: Path, epochs: int, extra: list[str]) -> float:
@@ -161,6 +178,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time run.py -m norm=bn,gn,ln reg=l1,l2 instead")
     parser.add_argument("--epochs", type=int, default=20, help="sweep mode: epochs per run (< 20 extrapolates; "
                         "from 2 on with a second 1-epoch sweep that separates startup from per-epoch time)")
+    parser.add_argument("--compare", action="store_true", help="sweep mode: time the sweep under each launcher")
+    parser.add_argument("--seeds", default="1", help="sweep mode: seeds of every run, e.g. 1,2,3 (18 jobs)")
     parser.add_argument("overrides", nargs="*", help="sweep mode: extra run.py overrides, e.g. hydra/launcher=joblib")
     args = parser.parse_args()
 
@@ -169,8 +188,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}", flush=True)
+    if args.sweep and args.compare:
+        compare_launchers(args.data_root.resolve(), args.epochs, [f"seed={args.seeds}", *args.overrides], args.device)
+        return
     if args.sweep:
-        seconds = time_sweep(args.data_root.resolve(), args.epochs, args.overrides)
+        seconds = time_sweep(args.data_root.resolve(), args.epochs, [f"seed={args.seeds}", *args.overrides])
         if args.epochs >= 20:
             print(f"sweep: 6 runs x {args.epochs} epochs: {seconds / 60:.1f} min (measured)")
             return

@@ -23,7 +23,7 @@ from normsweep import cli, files, progress
 from normsweep.config import Config, config_source_args
 from normsweep.data import DataError
 from normsweep.job import JobRun, check_job, prepare_job, same_job
-from normsweep.train import cores_given
+from normsweep.runtime import cores_given
 
 RUN_PY = files.CHECKOUT / "run.py"
 MULTIRUN_YAML = "multirun.yaml"  # Hydra writes it into the sweep folder
@@ -222,8 +222,7 @@ def stop_unless_completed(job_dir: Path, status: str, stop: bool) -> None:
 
 
 def main(cfg: DictConfig) -> float | str:
-    """`python run.py ...`: one job, trained to its end in this process. -> its objective (cfg.objective from its
-    summary.json) when it completed, for a sweeper that optimizes it; else its status."""
+    """`python run.py ...`: one job, trained to its end in this process. -> what finish makes of its status."""
     job = prepare(cfg)
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
@@ -235,8 +234,24 @@ def main(cfg: DictConfig) -> float | str:
         started = time.time()
         status = job.run()
         progress.report(hydra_cfg, job_dir, f"{status} in {progress.duration(time.time() - started)}")
-    stop_unless_completed(job_dir, status, HydraConfig.get().mode == RunMode.RUN or cfg.fail_fast)
+    return finish(cfg, hydra_cfg, status)
+
+
+def finish(cfg: DictConfig, hydra_cfg: DictConfig, status: str) -> float | str:
+    """A job's return value to Hydra, whoever trained it: its objective (cfg.objective from its summary.json) when it
+    completed, for a sweeper that optimizes it; else its status. A single run, or a sweep with fail_fast=true,
+    exits non-zero instead when the job did not complete. hydra_cfg: the job's Hydra node."""
+    job_dir = Path(hydra_cfg.runtime.output_dir)
+    stop_unless_completed(job_dir, status, hydra_cfg.mode == RunMode.RUN or cfg.fail_fast)
     return objective_of(job_dir, str(cfg.objective)) if status == files.STATUS_COMPLETED else status
+
+
+def task(function):
+    """run.py's task function, carrying its two halves for launchers that train jobs themselves (hydra/launcher=gpu):
+    prepare (config -> a JobRun to train, or the status of a job that needs none) and finish (status -> the value
+    Hydra gets). Called whole, it is main: both halves with the training between."""
+    function.prepare, function.finish = prepare, finish
+    return function
 
 
 def objective_of(job_dir: Path, objective: str) -> float | str:

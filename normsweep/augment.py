@@ -19,18 +19,18 @@ BRIGHTNESS = 0.4
 CONTRAST = 0.4
 
 
-def _uniform(n: int, low: float, high: float, device: torch.device) -> torch.Tensor:
-    return torch.rand(n, device=device) * (high - low) + low
+def _uniform(n: int, low: float, high: float, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, device=device, generator=generator) * (high - low) + low
 
 
-def random_affine(x: torch.Tensor) -> torch.Tensor:
+def random_affine(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """x: [B, 1, H, W] floats in [0, 1], H == W -> same shape, each image rotated, sheared, scaled and
     shifted by its own random parameters; the background fills with 0 (black), as in torchvision."""
     b, device = x.shape[0], x.device
-    angle = torch.deg2rad(_uniform(b, -ROTATE_DEG, ROTATE_DEG, device))
-    shear = torch.tan(torch.deg2rad(_uniform(b, -SHEAR_DEG, SHEAR_DEG, device)))
-    scale = _uniform(b, *SCALE, device)
-    shift = _uniform(2 * b, -2 * TRANSLATE, 2 * TRANSLATE, device).view(b, 2)  # normalized coords span 2
+    angle = torch.deg2rad(_uniform(b, -ROTATE_DEG, ROTATE_DEG, device, generator))
+    shear = torch.tan(torch.deg2rad(_uniform(b, -SHEAR_DEG, SHEAR_DEG, device, generator)))
+    scale = _uniform(b, *SCALE, device, generator)
+    shift = _uniform(2 * b, -2 * TRANSLATE, 2 * TRANSLATE, device, generator).view(b, 2)  # normalized coords span 2
     cos, sin = torch.cos(angle), torch.sin(angle)
     # forward map A = scale * R(angle) @ [[1, shear], [0, 1]]: [B, 2, 2]
     a = torch.stack([cos, cos * shear - sin, sin, sin * shear + cos], dim=1).view(b, 2, 2) * scale.view(b, 1, 1)
@@ -42,17 +42,18 @@ def random_affine(x: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def color_jitter(x: torch.Tensor) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Brightness then contrast, each factor uniform in [1 - 0.4, 1 + 0.4] per image, clamped to [0, 1]
     (torchvision's adjust_brightness / adjust_contrast for one-channel images)."""
     b = x.shape[0]
-    brightness = _uniform(b, 1 - BRIGHTNESS, 1 + BRIGHTNESS, x.device).view(b, 1, 1, 1)
+    brightness = _uniform(b, 1 - BRIGHTNESS, 1 + BRIGHTNESS, x.device, generator).view(b, 1, 1, 1)
     x = (x * brightness).clamp_(0, 1)
-    contrast = _uniform(b, 1 - CONTRAST, 1 + CONTRAST, x.device).view(b, 1, 1, 1)
+    contrast = _uniform(b, 1 - CONTRAST, 1 + CONTRAST, x.device, generator).view(b, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return (contrast * x + (1 - contrast) * mean).clamp_(0, 1)
 
 
-def augment(x: torch.Tensor) -> torch.Tensor:
-    return color_jitter(random_affine(x))
+def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Every draw from generator (default: torch's default generator)."""
+    return color_jitter(random_affine(x, generator), generator)
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Generator
+from typing import Callable
 
 import torch
 import yaml
@@ -20,8 +20,8 @@ import yaml
 from normsweep import files, tracking
 from normsweep.config import Config, validate
 from normsweep.data import Dataset, check_root, load_data
-from normsweep.step import JobContext
-from normsweep.train import CheckpointError, Diverged, hparams_of, resolve_device, training
+from normsweep.runtime import job_scope, resolve_device
+from normsweep.train import Member, drain, hparams_of, training
 
 log = logging.getLogger(__name__)
 
@@ -171,56 +171,54 @@ def _start_or_resume(job_dir: Path, resolved: dict) -> None:
 
 
 class JobRun:
-    """A prepared job: each advance() trains one step inside the job's device context (its stream and RNG, so
-    that jobs can take turns in one process); the last one writes summary.json. A failure during training ends
-    the job with status failed or diverged, recorded in the summary, and is not raised."""
+    """A prepared job, holding its lock: member() is what training() trains, and its end writes summary.json and
+    releases the lock. run() trains it alone; hydra/launcher=gpu trains several, fused where they can be. A failure
+    during training ends the job with status failed or diverged, recorded in the summary, and is not raised."""
 
     def __init__(self, cfg: Config, job_dir: Path, data: Dataset, device: torch.device, command: str,
                  lock: files.FolderLock, sweep_dir: Path):
         self.cfg, self.job_dir, self.device, self.command, self.lock = cfg, job_dir, device, command, lock
-        self.sweep_dir = sweep_dir
+        self.data, self.sweep_dir = data, sweep_dir
         self.status: str | None = None  # set when the job has ended
-        self.context = JobContext(device)
-        self._steps = self._life(data)
+        self.started = time.time()
+        self.tracker = None
 
     def run(self) -> str:
-        """Train to the end; -> the status."""
-        while self.advance():
-            pass
+        """Train to the end, alone; -> the status."""
+        try:
+            member = self.member()
+            if member is not None:
+                drain(training([member], self.data, self.device))
+        finally:
+            self.release()
         return self.status
 
-    def advance(self) -> bool:
-        """One training step (or the job's setup, or its end); -> False once the job has ended."""
-        with self.context:
+    def member(self) -> Member | None:
+        """The job as training() takes it, its tracker opened; None when that failed (the job has then ended)."""
+        self.started = time.time()
+        with job_scope(self.job_dir):
             try:
-                next(self._steps)
-                return True
-            except StopIteration as done:
-                self.status = done.value
-                return False
+                self.tracker = self._open_tracker()
+            except Exception as e:  # noqa: BLE001 - recorded as the job's failure, as any failure in training
+                log.exception("%s failed", self.job_dir.name)
+                self.end(files.STATUS_FAILED, f"{type(e).__name__}: {e}", {})
+                return None
+        return Member(self.cfg, self.job_dir, self.end, self.tracker.log_epoch if self.tracker else None)
 
-    def _life(self, data: Dataset) -> Generator[None, None, str]:
-        try:
-            return (yield from self._train_and_summarize(data))
-        finally:
-            self.lock.release()
+    def release(self) -> None:
+        """Give up the lock (an interrupt: no summary, the job resumes next time). Done already when it ended."""
+        self.lock.release()
 
-    def _train_and_summarize(self, data: Dataset) -> Generator[None, None, str]:
-        started = time.time()
-        status, error, extra, tracker = files.STATUS_COMPLETED, None, {}, None
-        try:
-            tracker = self._open_tracker()
-            extra = yield from training(self.cfg, self.job_dir, data, self.device,
-                                        on_epoch=tracker.log_epoch if tracker else None)
-        except Diverged as e:
-            status, error = files.STATUS_DIVERGED, str(e)
-            log.error("%s diverged: %s", self.job_dir.name, e)
-        except CheckpointError as e:  # its message is the whole story: no traceback
-            status, error = files.STATUS_FAILED, str(e)
-            log.error("%s failed: %s", self.job_dir.name, e)
-        except Exception as e:  # noqa: BLE001 - any failure (out of GPU memory included) is recorded, the sweep goes on
-            status, error = files.STATUS_FAILED, f"{type(e).__name__}: {e}"
-            log.exception("%s failed", self.job_dir.name)
+    def end(self, status: str, error: str | None, extra: dict) -> None:
+        """summary.json, the tracker's end, then the lock: the job is over."""
+        with job_scope(self.job_dir):
+            try:
+                self._summarize(status, error, extra)
+            finally:
+                self.status = status
+                self.release()
+
+    def _summarize(self, status: str, error: str | None, extra: dict) -> None:
         history = files.read_jsonl(self.job_dir / files.METRICS)
         summary = {
             "status": status,
@@ -229,7 +227,7 @@ class JobRun:
             "epochs_done": len(history),
             "params": extra.get("params"),
             "seconds": sum(r["train_seconds"] + r["test_seconds"] for r in history),
-            "wall_seconds_this_invocation": time.time() - started,
+            "wall_seconds_this_invocation": time.time() - self.started,
             "device": str(self.device),
             "threads": extra.get("threads"),
             # more than one count: resumed under another thread count, so not bit-identical to an uninterrupted run
@@ -242,12 +240,11 @@ class JobRun:
             **CODE_VERSION,
         }
         files.write_json(self.job_dir / files.SUMMARY, summary)
-        if tracker is not None:
+        if self.tracker is not None:
             try:
-                tracker.finish(status, history)
+                self.tracker.finish(status, history)
             except Exception as e:  # noqa: BLE001 - the job's own files are complete; say what MLflow lacks
                 log.error("%s: its MLflow run was not finished (%s: %s)", self.job_dir.name, type(e).__name__, e)
-        return status
 
     def _open_tracker(self) -> "tracking.JobTracker | None":
         if self.cfg.logger.name != "mlflow":

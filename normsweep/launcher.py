@@ -1,89 +1,173 @@
-"""hydra/launcher=gpu: one process trains a sweep's jobs side by side, up to max_parallel at once, one training
-step of each in turn. On CUDA each job has its own stream and replays its step as CUDA graphs, so the jobs' kernels
-overlap on the GPU; separate processes cannot do that (the GPU time-slices between them). Without CUDA the same
-loop runs eagerly on the CPU."""
+"""What hydra/launcher=gpu does (its plugin, hydra_plugins/normsweep_launcher/gpu_launcher.py, imports this in
+launch()): Hydra's own job set-up around the task's prepare half for every job, then the prepared jobs grouped by
+shape and trained side by side, each group fused into one model (train.training), and each job's status turned into
+Hydra's return value by the task's finish half. A task without those halves runs plainly, one job after another."""
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
-from hydra.plugins.launcher import Launcher
-from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
-from normsweep import app, progress
+from normsweep import progress
 from normsweep.job import JobRun
+from normsweep.runtime import OneJobsLines, job_scope, on_stream
+from normsweep.train import training
 
 log = logging.getLogger(__name__)
 
 
-class GpuLauncher(Launcher):
-    def __init__(self, max_parallel: int = 6) -> None:
-        super().__init__()
-        if max_parallel < 1:
-            raise ValueError(f"hydra.launcher.max_parallel={max_parallel} must be at least 1")
-        self.max_parallel = max_parallel
-        self.config: Optional[DictConfig] = None
-        self.hydra_context: Optional[HydraContext] = None
+def launch(plugin, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    """plugin: the GpuLauncher, with Hydra's config, context and task function, and its own settings."""
+    setup_globals()
+    configure_log(plugin.config.hydra.hydra_logging, plugin.config.hydra.verbose)
+    Path(str(plugin.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    task = plugin.task_function
+    prepare, finish = getattr(task, "prepare", None), getattr(task, "finish", None)
+    jobs = list(enumerate(job_overrides, start=initial_job_idx))
+    try:
+        if prepare is None or finish is None:
+            log.info(f"Launching {len(jobs)} jobs one after another: {getattr(task, '__name__', task)} is not "
+                     "normsweep's task (no prepare and finish halves), so it runs as Hydra's basic launcher runs it")
+            return [_hydra_job(plugin, idx, overrides, task) for idx, overrides in jobs]
+        return Sweep(plugin, prepare, finish).run(jobs)
+    finally:
+        configure_log(plugin.config.hydra.hydra_logging, plugin.config.hydra.verbose)
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        # task_function (run.py's main) trains a job to its end; this launcher needs the job before its first step,
-        # so it runs the same task's first half, app.prepare, and then drives the jobs itself
-        self.config, self.hydra_context = config, hydra_context
 
-    def _prepare(self, idx: int, overrides: Sequence[str]) -> JobReturn:
-        """Hydra's own job set-up (folder, .hydra/ snapshot, the job's log file) around app.prepare."""
-        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
-        return run_job(hydra_context=self.hydra_context, task_function=app.prepare, config=sweep_config,
-                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+def _hydra_job(plugin, idx: int, overrides: Sequence[str], task: Callable) -> JobReturn:
+    """Hydra's job set-up (folder, .hydra snapshot, the job's log file) around task, as Hydra's basic launcher does."""
+    log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+    sweep_config = plugin.hydra_context.config_loader.load_sweep_config(plugin.config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = idx
+        sweep_config.hydra.job.num = idx
+    return run_job(hydra_context=plugin.hydra_context, task_function=task, config=sweep_config,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        how = "each on its own CUDA stream" if torch.cuda.is_available() else \
-            "no CUDA GPU here, so eagerly on the CPU, taking turns"
-        log.info(f"Launching {len(job_overrides)} jobs in this process, up to {self.max_parallel} at a time, {how}")
+
+FUSE_KEYS = ("norm", "batch_size", "epochs", "data", "precision", "device", "threads", "cuda_graphs")
+
+
+def fuse_key(job: JobRun) -> tuple:
+    """Jobs with equal keys can share one fused model: the same norm (and its groups), batch size, epochs, data,
+    precision and device. Seed, L1, L2, learning rate, momentum and dropout may differ between them."""
+    return tuple(repr(getattr(job.cfg, key)) for key in FUSE_KEYS)
+
+
+@dataclass
+class Group:
+    """Jobs trained as one (a fused model, or one job alone), on their own CUDA stream."""
+
+    jobs: list[tuple[JobReturn, JobRun]]
+    steps: object = None  # train.training's generator, once started
+    stream: Optional[torch.cuda.Stream] = None
+    started: float = field(default_factory=time.time)
+
+
+class Sweep:
+    def __init__(self, plugin, prepare: Callable, finish: Callable):
+        self.plugin, self.prepare, self.finish = plugin, prepare, finish
+        self.returns: dict[int, JobReturn] = {}
+        self.sweep_handlers: list[logging.Handler] = []
+        self.job_handlers: list[logging.Handler] = []
+
+    def run(self, jobs: list[tuple[int, Sequence[str]]]) -> list[JobReturn]:
+        plugin = self.plugin
+        how = "each group on its own CUDA stream" if torch.cuda.is_available() else \
+            "no CUDA GPU here, so on the CPU, taking turns"
+        log.info(f"Launching {len(jobs)} jobs in this process, {'fused by shape' if plugin.fuse else 'unfused'}, "
+                 f"up to {plugin.max_parallel} groups at a time, {how}")
+        self.sweep_handlers = list(logging.getLogger().handlers)
+        # prepared a window at a time: every prepared job holds its lock (a file) until it ends
+        window = plugin.max_parallel * (plugin.max_fused if plugin.fuse else 1)
+        for start in range(0, len(jobs), window):
+            self._train(self._group([self._prepared(idx, overrides) for idx, overrides in jobs[start:start + window]]))
+        return [self.returns[idx] for idx in sorted(self.returns)]
+
+    def _prepared(self, idx: int, overrides: Sequence[str]) -> Optional[tuple[JobReturn, JobRun]]:
+        """The job through Hydra's set-up and the task's prepare half: (its return, the JobRun) to train, or None when
+        it needs no training (its return is then final: skipped, or failed before training)."""
         root = logging.getLogger()
-        sweep_handlers = list(root.handlers)
-        waiting = deque(enumerate(job_overrides, start=initial_job_idx))
-        running: list[tuple[int, JobReturn, JobRun, list[logging.Handler]]] = []
-        returns: dict[int, JobReturn] = {}
-        started: dict[int, float] = {}
-        while waiting or running:
-            while waiting and len(running) < self.max_parallel:
-                idx, overrides = waiting.popleft()
-                root.handlers = sweep_handlers
-                ret = self._prepare(idx, overrides)
-                if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, JobRun):
-                    progress.report(ret.hydra_cfg.hydra, ret.return_value.job_dir, "started")
-                    started[idx] = time.time()
-                    running.append((idx, ret, ret.return_value, list(root.handlers)))  # the job's log file among them
-                else:
-                    if ret.status == JobStatus.COMPLETED:
-                        job_dir = Path(ret.hydra_cfg.hydra.runtime.output_dir)
-                        progress.report(ret.hydra_cfg.hydra, job_dir, progress.SKIPPED[ret.return_value])
-                    returns[idx] = ret  # skipped (already completed), or failed before training
-            for entry in list(running):
-                idx, ret, job, handlers = entry
-                root.handlers = handlers  # what the job logs goes to its own log file
-                if job.advance():
-                    continue
-                ret.return_value = job.status
-                progress.report(ret.hydra_cfg.hydra, job.job_dir,
-                                    f"{job.status} in {progress.duration(time.time() - started[idx])}")
-                returns[idx] = ret
-                running.remove(entry)
-                app.stop_unless_completed(job.job_dir, job.status, job.cfg.fail_fast)
-        root.handlers = sweep_handlers
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return [returns[idx] for idx in sorted(returns)]
+        root.handlers = list(self.sweep_handlers)
+        ret = _hydra_job(self.plugin, idx, overrides, self.prepare)
+        if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, JobRun):
+            job = ret.return_value
+            # the job's log file takes its own lines only, from here on (Hydra's configure_log made it for the job)
+            for handler in root.handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.addFilter(OneJobsLines(job.job_dir))
+                    self.job_handlers.append(handler)
+            root.handlers = [*self.sweep_handlers, *self.job_handlers]
+            return ret, job
+        root.handlers = [*self.sweep_handlers, *self.job_handlers]
+        if ret.status == JobStatus.COMPLETED:
+            hydra_cfg = ret.hydra_cfg.hydra
+            progress.report(hydra_cfg, Path(hydra_cfg.runtime.output_dir), progress.SKIPPED[ret.return_value])
+            ret.return_value = self.finish(ret.cfg, hydra_cfg, ret.return_value)
+        self.returns[idx] = ret
+        return None
+
+    def _group(self, prepared: list) -> list[Group]:
+        groups: dict[tuple, list] = {}
+        for entry in filter(None, prepared):
+            key = fuse_key(entry[1]) if self.plugin.fuse else (id(entry),)
+            groups.setdefault(key, []).append(entry)
+        size = self.plugin.max_fused
+        return [Group(members[i:i + size]) for members in groups.values() for i in range(0, len(members), size)]
+
+    def _train(self, waiting: list[Group]) -> None:
+        running: list[Group] = []
+        try:
+            while waiting or running:
+                while waiting and len(running) < self.plugin.max_parallel:
+                    running.append(self._start(waiting.pop(0)))
+                for group in list(running):
+                    with on_stream(group.stream):
+                        try:
+                            next(group.steps)
+                        except StopIteration:
+                            running.remove(group)
+                            for _, job in group.jobs:
+                                if job.status is None:  # never so, unless training() lost a member: say so
+                                    job.end("failed", "training ended without telling this job's end", {})
+                    self._collect_ended(group)
+        finally:  # an interrupt: the jobs still training give up their locks and resume next time
+            for group in running + waiting:
+                for _, job in group.jobs:
+                    job.release()
+
+    def _start(self, group: Group) -> Group:
+        device = group.jobs[0][1].device
+        group.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        members = []
+        for ret, job in group.jobs:
+            with job_scope(job.job_dir):
+                progress.report(ret.hydra_cfg.hydra, job.job_dir, "started")
+            member = job.member()
+            if member is not None:
+                members.append(member)
+        if members:
+            group.steps = training(members, group.jobs[0][1].data, device)
+        else:
+            group.steps = iter(())
+        return group
+
+    def _collect_ended(self, group: Group) -> None:
+        """Each job of the group that has ended since the last look: its progress line and Hydra's return value."""
+        for entry in list(group.jobs):
+            ret, job = entry
+            if job.status is None:
+                continue
+            group.jobs.remove(entry)
+            hydra_cfg = ret.hydra_cfg.hydra
+            with job_scope(job.job_dir):
+                progress.report(hydra_cfg, job.job_dir,
+                                f"{job.status} in {progress.duration(time.time() - group.started)}")
+            ret.return_value = self.finish(ret.cfg, hydra_cfg, job.status)
+            self.returns[ret.hydra_cfg.hydra.job.num] = ret

@@ -1,15 +1,15 @@
-"""The training loop: data resident on the device, per-batch augmentation, SGD + OneCycleLR, L1 as a gradient
-term, one checkpoint per epoch so an interrupted job resumes exactly where it stopped."""
+"""The training loop, for one job or a group of jobs fused into one Net of lanes (hydra/launcher=gpu): data
+resident on the device, per-batch augmentation, SGD + OneCycleLR, L1 as a gradient term, and for every job one
+checkpoint per epoch in its own one-job format, so that an interrupted job resumes exactly where it stopped, under
+any launcher. A job that fails or diverges ends alone; the others of its group train on."""
 from __future__ import annotations
 
-import ctypes
 import io
 import logging
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator, Optional
 
@@ -21,14 +21,13 @@ from normsweep import files
 from normsweep.augment import augment
 from normsweep.config import Config
 from normsweep.data import Dataset
-from normsweep.model import Net, build_model, count_params
-from normsweep.step import DeviceStep, add_l1_grad, advance_scheduler, make_optimizer, make_scheduler
+from normsweep.model import Net, build_model, count_params, lane_state, stack_states
+from normsweep.runtime import job_scope, set_up_process
+from normsweep.step import Lane, Step, advance_scheduler, batch_sizes, make_optimizer, make_scheduler, momentum_buffers
 
 log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1000  # test images per forward pass; no gradients, so large batches are cheap
-DIVERGENCE_CHECK_STEPS = 50  # look for a non-finite loss this often (each look is a host sync on GPU)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters, from glibc's malloc.h
 
 
 class Diverged(RuntimeError):
@@ -58,38 +57,12 @@ class DeviceData:
         return cls(data.train_images.to(device), data.train_labels.to(device), test, data.test_labels.to(device),
                    data.mean, data.std, data.class_names)
 
-    def train_batch(self, idx: torch.Tensor, use_augment: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_batch(self, idx: torch.Tensor, use_augment: bool,
+                    generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.train_images.index_select(0, idx).unsqueeze(1).float().div_(255)  # [B, 1, 28, 28] in [0, 1]
         if use_augment:
-            x = augment(x)
+            x = augment(x, generator)
         return (x - self.mean) / self.std, self.train_labels.index_select(0, idx)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA GPU is available here: use device=cpu or device=auto")
-    return torch.device(name)
-
-
-def cores_given() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
-
-    Why: a step allocates and frees activations of a few MB each; glibc serves blocks that size with mmap and
-    returns them with munmap (or trims the heap), so every step page-faults and zero-fills them anew (README,
-    Speed). The process then holds on to its peak memory, which for this model is tens of MB. Nothing happens without glibc (macOS, Windows, musl's stub).
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-    if mallopt is not None:
-        mallopt(M_TRIM_THRESHOLD, 2**30)  # trim the heap only when 1 GiB of it is free
-        mallopt(M_MMAP_THRESHOLD, 2**28)  # blocks below 256 MiB come from the heap, not from mmap
 
 
 def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -100,39 +73,9 @@ def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
-def train_one_epoch(model: Net, optimizer: torch.optim.Optimizer, scheduler, data: DeviceData, cfg: Config,
-                    progress: Optional[Callable] = None) -> Generator[None, None, dict]:
-    """The eager step: yields after every step (so that jobs can take turns), returns the epoch's train metrics."""
-    model.train()
-    n = len(data.train_labels)
-    order = torch.randperm(n, device=data.train_labels.device)
-    params = list(model.parameters())
-    loss_sum = torch.zeros((), device=order.device)  # summed on the device: no host sync per batch
-    correct = torch.zeros((), dtype=torch.int64, device=order.device)
-    batches = split_batches(order, cfg.batch_size)
-    for step, idx in enumerate(progress(batches) if progress else batches):
-        x, y = data.train_batch(idx, cfg.data.augment)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            out = model(x)
-        loss = F.nll_loss(out.float(), y)
-        loss.backward()
-        if cfg.reg.l1 > 0:
-            add_l1_grad(params, cfg.reg.l1)
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach() * len(idx)
-        correct += (out.detach().argmax(1) == y).sum()
-        if step % DIVERGENCE_CHECK_STEPS == 0 and not torch.isfinite(loss_sum):
-            raise Diverged(f"training loss became {loss_sum.item()} at batch {step + 1}")
-        yield
-    return check_finite({"train_loss": loss_sum.item() / n, "train_acc": 100.0 * correct.item() / n})
-
-
-def check_finite(metrics: dict) -> dict:
-    if not math.isfinite(metrics["train_loss"]):
-        raise Diverged(f"training loss became {metrics['train_loss']}")
-    return metrics
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    full, last = batch_sizes(n, batch_size)
+    return full + (last > 0)
 
 
 @torch.inference_mode()
@@ -148,29 +91,11 @@ def evaluate(model: Net, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[fl
     return loss_sum.item() / len(labels), 100.0 * (pred == labels).sum().item() / len(labels), pred
 
 
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, history: list[dict]) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, history: list[dict], rng: dict) -> None:
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(), "history": history}, buffer)
+                "rng": rng, "history": history}, buffer)
     files.write_atomic(path, buffer.getvalue())
-
-
-def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> dict:
-    """Train (or resume) the job in job_dir to its end; see training()."""
-    return drain(training(cfg, job_dir, dataset, device))
 
 
 def drain(steps: Generator) -> object:
@@ -183,107 +108,235 @@ def drain(steps: Generator) -> object:
 
 
 @dataclass
-class Run:
-    """What one job trains with, built once per process and job."""
+class Member:
+    """One job of a group, as job.JobRun hands it over: what it trains, where, and whom its end is told."""
 
-    data: DeviceData
+    cfg: Config
+    job_dir: Path
+    end: Callable[[str, Optional[str], dict], None]  # (status, error, facts for its summary): called once
+    on_epoch: Optional[Callable[[dict], None]] = None  # each epoch's metrics row, for a tracker
+
+
+def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> dict:
+    """Train (or resume) one job in job_dir to its end; -> the facts for its summary. Raises what ended it when it
+    did not complete (Diverged, CheckpointError, or the failure as a RuntimeError)."""
+    ended = {}
+    drain(training([Member(cfg, job_dir, lambda *how: ended.setdefault("how", how))], dataset, device))
+    status, error, facts = ended["how"]
+    if status != files.STATUS_COMPLETED:
+        raise (Diverged if status == files.STATUS_DIVERGED else RuntimeError)(error)
+    return facts
+
+
+@dataclass
+class Trainee:
+    """A member while it trains: its own one-lane Net, optimizer and scheduler (what its checkpoint holds, and what
+    its lane of a fused Net is copied back into after every epoch), its history, its generator."""
+
+    member: Member
     model: Net
     optimizer: torch.optim.SGD
     scheduler: torch.optim.lr_scheduler.OneCycleLR
-    steps_per_epoch: int
+    history: list[dict]
+    generator: torch.Generator  # every random draw of its training: shuffle, augmentation, dropout
+    cpu_state: torch.Tensor  # the CPU generator as its set-up left it (its checkpoint's "cpu" for a CUDA job)
+    board: object = None  # TensorBoard writer, when logger=tensorboard
+    pred: Optional[torch.Tensor] = None  # the last epoch's test predictions, for the misclassified grid
+    ended: bool = field(default=False)
+
+    @property
+    def cfg(self) -> Config:
+        return self.member.cfg
+
+    @property
+    def job_dir(self) -> Path:
+        return self.member.job_dir
+
+    def rng(self) -> dict:
+        """Its RNG state as a job's checkpoint holds it: torch.get_rng_state() and get_rng_state_all()."""
+        device = self.generator.device
+        state = {"cpu": self.generator.get_state() if device.type == "cpu" else self.cpu_state}
+        if torch.cuda.is_available():
+            cuda = torch.cuda.get_rng_state_all()
+            if device.type == "cuda":
+                cuda[device.index if device.index is not None else torch.cuda.current_device()] = self.generator.get_state()
+            state["cuda"] = cuda
+        return state
+
+    def end(self, status: str, error: Optional[str], facts: Optional[dict] = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.board is not None:
+            self.board.close()
+        self.member.end(status, error, facts or {"threads": torch.get_num_threads(), "params": count_params(self.model)})
 
 
-def set_up_process(cfg: Config) -> None:
-    torch.set_num_threads(cfg.threads or cores_given())
-    keep_freed_memory()
-    torch.manual_seed(cfg.seed)
-
-
-def build_run(cfg: Config, dataset: Dataset, device: torch.device) -> Run:
-    data = DeviceData.from_dataset(dataset, device)
+def _set_up(member: Member, data: DeviceData, device: torch.device) -> Trainee:
+    """The member's model as its seed draws it, resumed from its checkpoint when it has one. Raises CheckpointError."""
+    cfg, job_dir = member.cfg, member.job_dir
+    torch.manual_seed(cfg.seed)  # the weights' draws, then every draw of training from the same stream
     model = build_model(cfg.norm, cfg.dropout, device, torch.get_num_threads())
     log.info("model: %s norm, %d parameters; device %s, %d threads; %d train / %d test images", cfg.norm.name,
              count_params(model), device, torch.get_num_threads(), len(data.train_labels), len(data.test_labels))
     optimizer = make_optimizer(model.parameters(), cfg)
-    steps_per_epoch = len(split_batches(torch.arange(len(data.train_labels)), cfg.batch_size))
-    return Run(data, model, optimizer, make_scheduler(optimizer, cfg, steps_per_epoch), steps_per_epoch)
-
-
-def training(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device,
-             on_epoch: Optional[Callable[[dict], None]] = None) -> Generator[None, None, dict]:
-    """Train (or resume) the job in job_dir, yielding after every training step so that several jobs can take turns
-    in one process (launcher.py). Writes metrics.jsonl and the checkpoint after every epoch (then calls on_epoch
-    with the epoch's row) and misclassified.json at the end; returns facts for the summary. Raises on failure
-    (Diverged included)."""
-    set_up_process(cfg)
-    run = build_run(cfg, dataset, device)
-    checkpoint = job_dir / files.CHECKPOINT
-    history = resume(checkpoint, run.model, run.optimizer, run.scheduler)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch(len(data.train_labels), cfg.batch_size))
+    history = resume(job_dir / files.CHECKPOINT, model, optimizer, scheduler)
     if history:
         files.write_jsonl(job_dir / files.METRICS, history)  # drop any epoch logged after the checkpoint
         log.info("resuming from the checkpoint after epoch %d of %d", len(history), cfg.epochs)
-    graphed = None
-    if cfg.cuda_graphs and device.type == "cuda":
-        graphed = DeviceStep(run.model, run.optimizer, run.data, cfg, run.steps_per_epoch,
-                             steps_done=len(history) * run.steps_per_epoch, capture=True)
-        log.info("training step captured as %d CUDA graph(s)", len(graphed.graphs))
-
+    generator = torch.Generator(device)
+    generator.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
     board = open_tensorboard(cfg, job_dir, first_epoch=len(history) + 1)  # None unless logger=tensorboard
-    pred = None  # the last epoch's test predictions, for the misclassified grid
+    return Trainee(member, model, optimizer, scheduler, history, generator, torch.get_rng_state(), board)
+
+
+def training(members: list[Member], dataset: Dataset, device: torch.device,
+             capture: Optional[bool] = None) -> Generator[None, None, None]:
+    """Train (or resume) the members, jobs that share norm, batch size, epochs, data and precision, as one Net of a
+    lane each, yielding after every training step so that groups can take turns in one process (launcher.py).
+    Writes each job's metrics.jsonl and checkpoint after every epoch (then calls its on_epoch) and its
+    misclassified.json at the end, and tells each member its end (status, error, facts) as it comes; a failure of
+    the group's step ends every member still training as failed. capture: CUDA graphs (default: the first member's
+    cuda_graphs, on CUDA)."""
+    first = members[0].cfg
+    set_up_process(first.threads)
+    capture = (first.cuda_graphs if capture is None else capture) and device.type == "cuda"
+    data = DeviceData.from_dataset(dataset, device)
+    trainees = []
+    for member in members:
+        with job_scope(member.job_dir):
+            try:
+                trainees.append(_set_up(member, data, device))
+            except Exception as e:  # noqa: BLE001 - this member fails; the others of its group train on
+                _end_failed(Trainee(member, None, None, None, [], None, None), e)
+    steps = steps_per_epoch(len(data.train_labels), first.batch_size)
     try:
-        for epoch in range(len(history) + 1, cfg.epochs + 1):
-            row, pred = yield from train_and_test(run, cfg, graphed, epoch, job_dir.name)
-            history.append(row)
-            record_epoch(job_dir, run, history, board)
-            if on_epoch is not None:
-                on_epoch(row)
-        if board is not None:
-            record_hparams(board, cfg, history)
-    finally:
-        if board is not None:
-            board.close()
-
-    if pred is None:  # resumed after its last epoch, killed before the summary
-        _, _, pred = evaluate(run.model, run.data.test_inputs, run.data.test_labels)
-    write_misclassified(job_dir, run.data, pred.cpu())
-    return {"threads": torch.get_num_threads(), "params": count_params(run.model)}
+        while trainees:
+            for trainee in [t for t in trainees if len(t.history) >= t.cfg.epochs]:  # resumed after its last epoch
+                _complete(trainee, data)
+            trainees = [t for t in trainees if not t.ended]
+            if not trainees:
+                break
+            step = _fuse(trainees, data, device, steps, capture)
+            while all(not t.ended for t in trainees):
+                yield from _epoch(step, trainees, data, steps)
+            trainees = [t for t in trainees if not t.ended]
+    except Exception as e:  # noqa: BLE001 - the group's step failed (out of GPU memory, ...): each member says so
+        for trainee in trainees:
+            _end_failed(trainee, e)
 
 
-def train_and_test(run: Run, cfg: Config, graphed: Optional[DeviceStep], epoch: int,
-                   job: str) -> Generator[None, None, tuple[dict, torch.Tensor]]:
-    """One epoch, eager or replayed as CUDA graphs, then the test set; -> its metrics row and test predictions."""
-    progress = None
-    if sys.stderr.isatty():  # a bar for eyes only; the log line below is the record
-        progress = lambda it: tqdm(it, desc=f"epoch {epoch}", leave=False, file=sys.stderr)  # noqa: E731
-    started = time.perf_counter()
-    if graphed is None:
-        metrics = yield from train_one_epoch(run.model, run.optimizer, run.scheduler, run.data, cfg, progress)
+def _fuse(trainees: list[Trainee], data: DeviceData, device: torch.device, steps: int, capture: bool) -> Step:
+    """The step of the trainees: one job's own model, or a Net with a lane per job holding their current weights."""
+    if len(trainees) == 1:
+        model = trainees[0].model
     else:
-        metrics = check_finite((yield from graphed.epoch(progress)))
-        advance_scheduler(run.scheduler, run.steps_per_epoch)
-    # threads: oneDNN's reductions depend on the count, so an epoch's numbers are bit-identical only at the same one
-    row = {"epoch": epoch, **metrics, "lr": run.scheduler.get_last_lr()[0], "threads": torch.get_num_threads()}
-    row["train_seconds"] = time.perf_counter() - started
+        cfg = trainees[0].cfg
+        model = build_model(cfg.norm, [t.cfg.dropout for t in trainees], device, torch.get_num_threads(),
+                            lanes=len(trainees))
+        model.load_state_dict(stack_states([t.model.state_dict() for t in trainees]))
+    lanes = [Lane(t.cfg, t.generator, len(t.history) * steps, momentum_buffers(t.optimizer)) for t in trainees]
+    step = Step(model, lanes, data, steps, capture)
+    for trainee in trainees:
+        with job_scope(trainee.job_dir):
+            if len(trainees) > 1:
+                log.info("%s: trained fused with %d other job(s) of the same shapes, each in its own lane",
+                         trainee.job_dir.name, len(trainees) - 1)
+            if step.graphs:
+                log.info("training step captured as %d CUDA graph(s)", len(step.graphs))
+    return step
+
+
+def _epoch(step: Step, trainees: list[Trainee], data: DeviceData, steps: int) -> Generator[None, None, None]:
+    """One epoch of every lane, then each job's own epoch end: its weights back into its model, the test set, its
+    metrics row, checkpoint and tracker; a lane whose loss is not finite ends its job as diverged."""
+    progress = None
+    if sys.stderr.isatty():  # a bar for eyes only; the log lines below are the record
+        what = trainees[0].job_dir.name if len(trainees) == 1 else f"{len(trainees)} jobs"
+        epoch = len(trainees[0].history) + 1
+        progress = lambda it: tqdm(it, desc=f"{what}: epoch {epoch}", leave=False, file=sys.stderr)  # noqa: E731
     started = time.perf_counter()
-    row["test_loss"], row["test_acc"], pred = evaluate(run.model, run.data.test_inputs, run.data.test_labels)
+    lane_metrics = yield from step.epoch(progress)
+    train_seconds = time.perf_counter() - started
+    for lane, (trainee, metrics) in enumerate(zip(trainees, lane_metrics)):
+        with job_scope(trainee.job_dir):
+            _end_of_epoch(step, lane, trainee, metrics, train_seconds, data, steps)
+
+
+def _end_of_epoch(step: Step, lane: int, trainee: Trainee, metrics: dict, train_seconds: float, data: DeviceData,
+                  steps: int) -> None:
+    epoch, cfg = len(trainee.history) + 1, trainee.cfg
+    if len(step.lanes) > 1:
+        with torch.no_grad():
+            trainee.model.load_state_dict(lane_state(step.model, lane))
+            for mine, fused in zip(momentum_buffers(trainee.optimizer), step.lane_buffers(lane)):
+                mine.copy_(fused)
+    advance_scheduler(trainee.scheduler, steps)
+    if not math.isfinite(metrics["train_loss"]):
+        _end_failed(trainee, Diverged(f"training loss became {metrics['train_loss']} in epoch {epoch}"))
+        return
+    # threads: oneDNN's reductions depend on the count, so an epoch's numbers are bit-identical only at the same one
+    row = {"epoch": epoch, **metrics, "lr": trainee.scheduler.get_last_lr()[0], "threads": torch.get_num_threads(),
+           "train_seconds": train_seconds}
+    started = time.perf_counter()
+    row["test_loss"], row["test_acc"], trainee.pred = evaluate(trainee.model, data.test_inputs, data.test_labels)
     row["test_seconds"] = time.perf_counter() - started
     # the job's name on its line: jobs side by side (joblib, the gpu launcher) share one console
     log.info("%s: epoch %d/%d train_loss %.4f train_acc %.2f test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
-             job, epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"], row["lr"],
-             row["train_seconds"], row["test_seconds"])
-    return row, pred
+             trainee.job_dir.name, epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"],
+             row["test_acc"], row["lr"], row["train_seconds"], row["test_seconds"])
+    try:
+        trainee.history.append(row)
+        record_epoch(trainee, row)
+        if trainee.member.on_epoch is not None:
+            trainee.member.on_epoch(row)
+        if epoch >= cfg.epochs:
+            _complete(trainee, data)
+    except Exception as e:  # noqa: BLE001 - this job's files or tracker failed: it ends, the others train on
+        _end_failed(trainee, e)
 
 
-def record_epoch(job_dir: Path, run: Run, history: list[dict], board) -> None:
+def _complete(trainee: Trainee, data: DeviceData) -> None:
+    with job_scope(trainee.job_dir):
+        if trainee.board is not None:
+            record_hparams(trainee.board, trainee.cfg, trainee.history)
+        if trainee.pred is None:  # resumed after its last epoch, killed before the summary
+            _, _, trainee.pred = evaluate(trainee.model, data.test_inputs, data.test_labels)
+        write_misclassified(trainee.job_dir, data, trainee.pred.cpu())
+        trainee.end(files.STATUS_COMPLETED, None)
+
+
+def _end_failed(trainee: Trainee, error: Exception) -> None:
+    """Ends the trainee's job as diverged or failed, with the line that says why (a traceback when unforeseen)."""
+    name = trainee.member.job_dir.name
+    with job_scope(trainee.member.job_dir):
+        if isinstance(error, Diverged):
+            status, message = files.STATUS_DIVERGED, str(error)
+            log.error("%s diverged: %s", name, error)
+        elif isinstance(error, CheckpointError):  # its message is the whole story: no traceback
+            status, message = files.STATUS_FAILED, str(error)
+            log.error("%s failed: %s", name, error)
+        else:
+            status, message = files.STATUS_FAILED, f"{type(error).__name__}: {error}"
+            log.error("%s failed", name, exc_info=error)
+        if trainee.model is None:  # failed in its set-up
+            trainee.ended = True
+            trainee.member.end(status, message, {})
+        else:
+            trainee.end(status, message)
+
+
+def record_epoch(trainee: Trainee, row: dict) -> None:
     """The epoch on disk: its metrics line, TensorBoard scalars, then the checkpoint that makes it resumable."""
-    files.write_jsonl(job_dir / files.METRICS, history)
-    if board is not None:
-        row = history[-1]
+    files.write_jsonl(trainee.job_dir / files.METRICS, trainee.history)
+    if trainee.board is not None:
         for key, value in row.items():
             if key not in files.ROW_FACTS:
-                board.add_scalar(key, value, row["epoch"])
-        board.flush()  # on disk with the epoch's metrics line, not minutes later
-    save_checkpoint(job_dir / files.CHECKPOINT, run.model, run.optimizer, run.scheduler, history)
+                trainee.board.add_scalar(key, value, row["epoch"])
+        trainee.board.flush()  # on disk with the epoch's metrics line, not minutes later
+    save_checkpoint(trainee.job_dir / files.CHECKPOINT, trainee.model, trainee.optimizer, trainee.scheduler,
+                    trainee.history, trainee.rng())
 
 
 def resume(checkpoint: Path, model: Net, optimizer, scheduler) -> list[dict]:
@@ -301,7 +354,9 @@ def resume(checkpoint: Path, model: Net, optimizer, scheduler) -> list[dict]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         history = [dict(row) for row in state["history"]]
     except Exception as e:  # loadable, but not a checkpoint of this job: wrong keys, shapes or types
         problem = " ".join(str(e).split())[:200]

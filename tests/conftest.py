@@ -60,10 +60,10 @@ def killed_at_second_checkpoint(monkeypatch) -> Callable[[], None]:
 
     save = train.save_checkpoint
 
-    def save_then_die_at_epoch_2(path, model, optimizer, scheduler, history):
+    def save_then_die_at_epoch_2(path, model, optimizer, scheduler, history, rng):
         if len(history) == 2:
             raise RuntimeError("killed")
-        save(path, model, optimizer, scheduler, history)
+        save(path, model, optimizer, scheduler, history, rng)
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_die_at_epoch_2)
     return lambda: monkeypatch.setattr(train, "save_checkpoint", save)

@@ -16,37 +16,50 @@ from normsweep import files
 from conftest import REPO
 from normsweep.config import Config, DataConfig, NormConfig, RegConfig
 from normsweep.data import load_data
-from normsweep.model import build_model
-from normsweep.step import DeviceStep, JobContext, make_optimizer
-from normsweep.train import DeviceData, drain, fit, split_batches, training
+from normsweep.model import build_model, lane_state, stack_states
+from normsweep.step import Lane, Step, make_optimizer, momentum_buffers
+from normsweep.train import DeviceData, Member, drain, fit, steps_per_epoch, training
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
 
 
+def cuda_job(cfg: Config, lanes: int = 1, dropouts=None):
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.norm, dropouts or cfg.dropout, CUDA, 1, lanes=lanes)
+    optimizer = make_optimizer(model.parameters(), cfg)
+    generator = torch.Generator(CUDA)
+    generator.set_state(torch.cuda.get_rng_state(CUDA))
+    return model, optimizer, generator
+
+
 @pytest.mark.parametrize("norm, l1, l2, train_limit", [("bn", 0.0, 0.0, 200), ("gn", 0.001, 0.0, 129),
                                                        ("ln", 0.001, 0.002, 192)])
-def test_graph_replays_train_what_the_eager_device_step_trains(norm, l1, l2, train_limit):
-    """The same step eagerly and as replayed graphs, from the same weights and seed: the graph reads the same
-    philox offsets, so the draws and the updates are the same up to kernel rounding."""
-    cfg = Config(norm=NormConfig(name=norm), batch_size=32, epochs=2, reg=RegConfig(l1=l1, l2=l2),
-                 data=DataConfig(name="fake", train_limit=train_limit))
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_graph_replays_train_what_the_eager_step_trains(norm, l1, l2, train_limit, lanes):
+    """The same step (one job, or three fused) eagerly and as replayed graphs, from the same weights and seeds: the
+    graphs read the lanes' generators, so the draws and the updates are the same up to kernel rounding."""
+    cfgs = [Config(norm=NormConfig(name=norm), batch_size=32, epochs=2, seed=seed, reg=RegConfig(l1=l1, l2=l2),
+                   data=DataConfig(name="fake", train_limit=train_limit)) for seed in range(1, lanes + 1)]
     data = DeviceData.from_dataset(load_data("fake", ".", train_limit=train_limit, test_limit=50), CUDA)
-    steps_per_epoch = len(split_batches(torch.arange(train_limit), cfg.batch_size))
+    steps = steps_per_epoch(train_limit, 32)
     results = []
     for capture in (False, True):
-        context = JobContext(CUDA)
-        with context:
-            torch.manual_seed(3)
-            model = build_model(cfg.norm, cfg.dropout, CUDA, 1)
-            optimizer = make_optimizer(model.parameters(), cfg)
-            step = DeviceStep(model, optimizer, data, cfg, steps_per_epoch, steps_done=0, capture=capture)
-            assert len(step.graphs) == (len(step.sizes_once()) if capture else 0)
-            metrics = [drain(step.epoch()) for _ in range(2)]
-            torch.cuda.synchronize()
+        jobs = [cuda_job(cfg) for cfg in cfgs]
+        if lanes == 1:
+            model = jobs[0][0]
+        else:
+            model = build_model(cfgs[0].norm, [c.dropout for c in cfgs], CUDA, 1, lanes=lanes)
+            model.load_state_dict(stack_states([m.state_dict() for m, _, _ in jobs]))
+        step = Step(model, [Lane(c, g, 0, momentum_buffers(o)) for c, (m, o, g) in zip(cfgs, jobs)], data, steps,
+                    capture=capture)
+        assert len(step.graphs) == (len(step.sizes_once()) if capture else 0)
+        metrics = [drain(step.epoch()) for _ in range(2)]
+        torch.cuda.synchronize()
         results.append((metrics, copy.deepcopy(model.state_dict())))
     (eager_metrics, eager_state), (graph_metrics, graph_state) = results
-    assert graph_metrics[0]["train_loss"] == pytest.approx(eager_metrics[0]["train_loss"], rel=1e-4)
+    for eager, graph in zip(eager_metrics[0], graph_metrics[0]):
+        assert graph["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
     # over the whole model: L1's sign(w) flips on weights near 0 where cuDNN's reductions round differently, so
     # a small tensor's elements may part by more than its own 1 % (seen on an H100: 1.4e-4 on weights of 8e-3)
     graph_weights, eager_weights = (flat(state.values()) for state in (graph_state, eager_state))
@@ -65,8 +78,7 @@ def test_graph_memory_does_not_grow_per_epoch(tmp_path):
     def measure(_row: dict) -> None:
         per_epoch.append(torch.cuda.memory_allocated())
 
-    with JobContext(CUDA):
-        drain(training(cfg, tmp_path, dataset, CUDA, on_epoch=measure))
+    drain(training([Member(cfg, tmp_path, lambda *end: None, measure)], dataset, CUDA))
     assert len(per_epoch) == 6
     assert per_epoch[-1] <= per_epoch[1]  # after the first epoch (capture, first eval), nothing accumulates
 
@@ -76,16 +88,14 @@ def test_checkpoint_resume_with_graphs_continues_the_run(tmp_path):
     def run(job_dir: Path, epochs: int) -> list[dict]:
         cfg = Config(epochs=2, batch_size=64, data=DataConfig(name="fake", train_limit=512, test_limit=200))
         dataset = load_data("fake", tmp_path, 512, 200)
-        context = JobContext(CUDA)
-        steps = training(cfg, job_dir, dataset, CUDA)
-        with context:
-            while True:
-                try:
-                    next(steps)
-                except StopIteration:
-                    break
-                if epochs == 1 and (job_dir / files.METRICS).exists():
-                    break  # "killed" after its first epoch's checkpoint
+        steps = training([Member(cfg, job_dir, lambda *end: None)], dataset, CUDA)
+        while True:
+            try:
+                next(steps)
+            except StopIteration:
+                break
+            if epochs == 1 and (job_dir / files.METRICS).exists():
+                break  # "killed" after its first epoch's checkpoint
         return [json.loads(line) for line in (job_dir / files.METRICS).read_text().splitlines()]
 
     for name in ("whole", "resumed"):
@@ -119,7 +129,6 @@ def test_gpu_launcher_trains_a_sweep_on_cuda(tmp_path):
 
 def test_fit_on_cuda_learns(tmp_path):
     cfg = Config(epochs=2, data=DataConfig(name="fake", train_limit=2000, test_limit=500))
-    with JobContext(CUDA):
-        fit(cfg, tmp_path, load_data("fake", tmp_path, 2000, 500), CUDA)
+    fit(cfg, tmp_path, load_data("fake", tmp_path, 2000, 500), CUDA)
     history = [json.loads(line) for line in (tmp_path / files.METRICS).read_text().splitlines()]
     assert history[-1]["test_acc"] > 40

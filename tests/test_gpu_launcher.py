@@ -3,8 +3,11 @@ sizes and epochs trained side by side in one process, each leaving exactly what 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,56 @@ def test_gpu_launcher_refuses_a_bad_max_parallel(tmp_path):
     assert proc.returncode != 0
     assert "hydra.launcher.max_parallel=0 must be at least 1" in proc.stderr
     assert not any((tmp_path / "sweep").iterdir())
+
+
+def fused_sweep(sweep_dir: Path, *overrides: str, **popen) -> list[str]:
+    """Four jobs of one shape (BatchNorm, batch 32, 2 epochs) that differ in seed and regularizer: one fused group."""
+    return [sys.executable, str(REPO / "run.py"), "-m", "norm=bn", "reg=l1,l2", "seed=1,2", "epochs=2",
+            "batch_size=32", *FAST, f"hydra.sweep.dir={sweep_dir}", *overrides]
+
+
+def test_a_fused_group_trains_what_separate_jobs_train_and_logs_each_job_apart(tmp_path):
+    fused, separate = tmp_path / "fused", tmp_path / "separate"
+    proc = subprocess.run(fused_sweep(fused, "hydra/launcher=gpu"), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("trained fused with 3 other job(s)") + proc.stderr.count("trained fused with 3") == 4
+    proc = subprocess.run(fused_sweep(separate, "hydra/launcher=gpu", "hydra.launcher.fuse=false"),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "trained fused" not in proc.stdout + proc.stderr
+    for job in (p for p in fused.iterdir() if p.is_dir()):
+        rows, alone = metrics(job), metrics(separate / job.name)
+        assert [r["epoch"] for r in rows] == [1, 2] and summary(job)["status"] == files.STATUS_COMPLETED
+        for row, expected in zip(rows, alone):  # float rounding of grouped convs: far below a seed's spread
+            assert row["train_loss"] == pytest.approx(expected["train_loss"], rel=2e-2)
+        log = (job / "run.log").read_text()
+        assert log.count("model: ") == 1 and log.count(": epoch ") == 2  # its own lines, no other job's
+        assert all(other.name not in log for other in fused.iterdir() if other.is_dir() and other != job)
+
+
+def kill_after_first_checkpoint(command: list[str], sweep_dir: Path) -> None:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while not list(sweep_dir.glob("*/" + files.CHECKPOINT)) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("first, then", [("hydra/launcher=gpu", "hydra/launcher=basic"),
+                                         ("hydra/launcher=basic", "hydra/launcher=gpu")])
+def test_a_killed_sweep_resumes_across_launchers_from_one_job_checkpoints(tmp_path, first, then):
+    """kill -9 after the first checkpoint, then the same sweep under the other launcher: every job that had a
+    checkpoint resumes from it (fused checkpoints are each job's own), and every job completes."""
+    sweep_dir = tmp_path / "sweep"
+    kill_after_first_checkpoint(fused_sweep(sweep_dir, first), sweep_dir)
+    checkpointed = {job.parent.name for job in sweep_dir.glob("*/" + files.CHECKPOINT)}
+    assert checkpointed
+    proc = subprocess.run(fused_sweep(sweep_dir, then), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    jobs = [p for p in sweep_dir.iterdir() if p.is_dir()]
+    assert len(jobs) == 4
+    for job in jobs:
+        assert summary(job)["status"] == files.STATUS_COMPLETED and [r["epoch"] for r in metrics(job)] == [1, 2]
+        if job.name in checkpointed:
+            assert "resuming from the checkpoint after epoch" in (job / "run.log").read_text()

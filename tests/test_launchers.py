@@ -16,7 +16,7 @@ from normsweep import files
 from normsweep.files import read_jsonl
 from normsweep.app import threads_per_job
 from normsweep.config import register_configs
-from normsweep.train import cores_given
+from normsweep.runtime import cores_given
 
 JOBS = [f"{norm}-none-bs64-s1-data.test_limit=100-data.train_limit=256-data=fake-epochs=1" for norm in ("bn", "gn")]
 register_configs()

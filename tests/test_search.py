@@ -70,3 +70,17 @@ def test_a_trials_recorded_command_reruns_that_trial_not_the_search(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "already completed with the same config" in proc.stdout + proc.stderr
     assert len(jobs_in(sweep)) == 2 and (sweep / "optimization_results.yaml").read_text() == results
+
+
+def test_a_search_through_the_gpu_launcher_gets_numbers(tmp_path):
+    """hydra/launcher=gpu trains each asked batch side by side (fused: the trials share every shape), and every trial
+    gets its objective from the task's finish half, as under the basic launcher."""
+    sweep = tmp_path / "sweep"
+    proc = run(*SEARCH, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra/launcher=gpu",
+               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    jobs = summaries(sweep)
+    assert len(jobs) == 4 and all(job["status"] == files.STATUS_COMPLETED for job in jobs)
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_value"] == pytest.approx(max(job["best_test_acc"] for job in jobs))
+    assert "trained fused with 1 other job" in proc.stdout + proc.stderr

@@ -11,7 +11,8 @@ from normsweep.config import Config, DataConfig, NormConfig, RegConfig
 from normsweep.data import load_data
 from normsweep.files import METRICS, read_jsonl
 from normsweep.model import Net
-from normsweep.train import add_l1_grad, fit, split_batches
+from normsweep.step import add_l1_grad
+from normsweep.train import fit, split_batches
 
 
 def short_run(tmp_path, epochs: int = 2, **overrides) -> list[dict]:

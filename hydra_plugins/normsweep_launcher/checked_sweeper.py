@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 from typing import Any, List
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.core_plugins import basic_sweeper  # the module: the scan lists BasicSweeper once
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import open_dict
 
 
-class CheckedSweeper(BasicSweeper):
+class CheckedSweeper(basic_sweeper.BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from normsweep import app, cli, progress  # here, not at Hydra's plugin scan: app loads torch
 
