@@ -21,9 +21,7 @@ echo "== speed: reference, eager, CUDA graphs, one 20-epoch run"
 timeout 120 python3 benchmarks/speed.py --data-root "$data" --device cuda --run-epochs 20 2>&1 | tee "$out/speed.log"
 
 echo "== the 6-run and the 18-job sweeps, 20 epochs, hydra/launcher=gpu fused and unfused"
-timeout 150 python3 benchmarks/speed.py --data-root "$data" --device cuda --sweep --compare 2>&1 | tee "$out/sweep6.log"
-timeout 300 python3 benchmarks/speed.py --data-root "$data" --device cuda --sweep --compare --seeds 1,2,3 2>&1 \
-    | tee "$out/sweep18.log"
+timeout 330 python3 benchmarks/speed.py --data-root "$data" --device cuda --sweep --compare 2>&1 | tee "$out/sweeps.log"
 
 echo "== the 18-job sweep, 20 epochs, hydra/launcher=gpu (fused), kept and collected"
 sweep=/tmp/gpu-sweep

@@ -8,13 +8,14 @@ normsweep's trainer on the same real MNIST images, in one run; and a sweep mode 
     python benchmarks/speed.py --data-root data --sweep hydra/launcher=gpu device=cuda   # the sweep on one GPU
     python benchmarks/speed.py --data-root data --sweep --epochs 1 --compare data.train_limit=12000
         # the 6-run sweep under each launcher in one run (basic, joblib, gpu fused and unfused), ratios to basic
-    python benchmarks/speed.py --data-root data --device cuda --sweep --compare --seeds 1,2,3   # the 18-job sweep
+    python benchmarks/speed.py --data-root data --device cuda --sweep --compare   # 6- and 18-job sweeps, fused or not
 
 The reference pipeline lives here only, never in the product's code path.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import gzip
 import shutil
 import subprocess
@@ -124,15 +125,33 @@ def normsweep_images_per_s(data_root: Path, images: int, batch_size: int, precis
     return len(data.train_labels) / (time.perf_counter() - started)
 
 
-def time_run(data_root: Path, epochs: int, device: str) -> float:
-    """Wall clock of one whole `python run.py norm=bn device=<device>` (start-up, data, training, files)."""
+def time_run(data_root: Path, epochs: int, device: str) -> tuple[float, dict[str, float]]:
+    """One whole `python run.py norm=bn device=<device>` (start-up, data, training, files): -> its wall clock and its
+    parts, from the job's run.log timestamps and metrics.jsonl: imports and Hydra (to the first log line), data (to
+    the model line), capture (to the line after it), training and testing (the epochs' own seconds), the rest."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, str(ROOT / "run.py"), "norm=bn", f"device={device}", f"epochs={epochs}",
                f"data.root={data_root}", f"hydra.run.dir={tmp}/run"]
         print("$", " ".join(cmd), flush=True)
-        started = time.perf_counter()
+        started, wall_started = time.perf_counter(), time.time()
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        stamps = []  # (seconds since the start, message) of every line of the job's log
+        for line in (Path(tmp) / "run" / "run.log").read_text().splitlines():
+            if line.startswith("[") and "]" in line:
+                when = time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) + int(line[21:24]) / 1000
+                stamps.append((when - wall_started, line))
+        rows = [json.loads(r) for r in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    model_at = next(t for t, line in stamps if "model: " in line)
+    first_epoch_at = next(t for t, line in stamps if ": epoch 1/" in line)
+    train, test = sum(r["train_seconds"] for r in rows), sum(r["test_seconds"] for r in rows)
+    # the first epoch's line comes after its training and testing: before them, after the model line, the step is
+    # built (its schedule tables) and, on CUDA, captured
+    capture = max(0.0, first_epoch_at - rows[0]["train_seconds"] - rows[0]["test_seconds"] - model_at)
+    parts = {"imports and Hydra": stamps[0][0], "data": model_at - stamps[0][0], "step set-up and capture": capture,
+             "training": train, "testing": test}
+    parts["files and the rest"] = seconds - sum(parts.values())
+    return seconds, parts
 
 
 COMPARED = {  # --compare: the launchers timed on the same sweep, in this order
@@ -143,13 +162,18 @@ COMPARED = {  # --compare: the launchers timed on the same sweep, in this order
 }
 
 
-def compare_launchers(data_root: Path, epochs: int, extra: list[str], device: str) -> None:
-    """The same sweep under each launcher (on CUDA the gpu launcher only, fused and unfused), with ratios."""
+def compare_launchers(data_root: Path, epochs: int, extra: list[str], device: str, seeds: list[str]) -> None:
+    """The same sweep under each launcher (on CUDA the gpu launcher only, fused and unfused), for each seed list
+    (1: the 6-run sweep; 1,2,3: 18 jobs), with ratios."""
     names = [n for n in COMPARED if device != "cuda" or n.startswith("gpu")]
-    seconds = {name: time_sweep(data_root, epochs, [*COMPARED[name], f"device={device}", *extra]) for name in names}
-    base = seconds[names[0]]
-    for name in names:
-        print(f"{name:12s} {seconds[name]:7.1f} s   {base / seconds[name]:.2f}x {names[0]}", flush=True)
+    for seed in seeds:
+        jobs = 6 * len(seed.split(","))
+        seconds = {name: time_sweep(data_root, epochs, [*COMPARED[name], f"device={device}", f"seed={seed}", *extra])
+                   for name in names}
+        base = seconds[names[0]]
+        for name in names:
+            print(f"{jobs} jobs, {name:12s} {seconds[name]:7.1f} s   {base / seconds[name]:.2f}x {names[0]}",
+                  flush=True)
 
 
 def time_sweep(data_root: Path, epochs: int, extra: list[str]) -> float:
@@ -179,7 +203,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="sweep mode: epochs per run (< 20 extrapolates; "
                         "from 2 on with a second 1-epoch sweep that separates startup from per-epoch time)")
     parser.add_argument("--compare", action="store_true", help="sweep mode: time the sweep under each launcher")
-    parser.add_argument("--seeds", default="1", help="sweep mode: seeds of every run, e.g. 1,2,3 (18 jobs)")
+    parser.add_argument("--seeds", default="1", help="sweep mode: seeds of every run, e.g. 1,2,3 (18 jobs); with "
+                        "--compare several lists, split by ';' (default on cuda: '1;1,2,3', the 6- and 18-job sweeps)")
     parser.add_argument("overrides", nargs="*", help="sweep mode: extra run.py overrides, e.g. hydra/launcher=joblib")
     args = parser.parse_args()
 
@@ -189,7 +214,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}", flush=True)
     if args.sweep and args.compare:
-        compare_launchers(args.data_root.resolve(), args.epochs, [f"seed={args.seeds}", *args.overrides], args.device)
+        seeds = "1;1,2,3" if args.device == "cuda" and args.seeds == "1" else args.seeds
+        compare_launchers(args.data_root.resolve(), args.epochs, args.overrides, args.device, seeds.split(";"))
         return
     if args.sweep:
         seconds = time_sweep(args.data_root.resolve(), args.epochs, [f"seed={args.seeds}", *args.overrides])
@@ -219,8 +245,9 @@ def main() -> None:
         ratio = f"   {ours / ref:.2f}x the reference" if ref else ""
         print(f"normsweep {name} ({args.precision}): {ours:8.0f} train images/s{ratio}", flush=True)
     if args.run_epochs:
-        seconds = time_run(args.data_root.resolve(), args.run_epochs, args.device)
-        print(f"one BN run, {args.run_epochs} epochs, python run.py: {seconds:.1f} s wall clock", flush=True)
+        seconds, parts = time_run(args.data_root.resolve(), args.run_epochs, args.device)
+        print(f"one BN run, {args.run_epochs} epochs, python run.py: {seconds:.1f} s wall clock: "
+              + ", ".join(f"{name} {part:.1f} s" for name, part in parts.items()), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -94,6 +94,8 @@ def _markdown(rows: pd.DataFrame, extra_keys: list[str]) -> str:
         # one seed has no spread to show: its value alone, not "± 0.00"
         return f"{mean:.{decimals}f}" if n < 2 or np.isnan(std) else f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
+    # a study with a validation split: the test accuracy at the epoch its validation accuracy picks
+    validated = "test_acc_at_best_val_n" in rows and bool((rows["test_acc_at_best_val_n"] > 0).any())
     cells = [{
         "Regularization": row["label"],
         "Best Train Accuracy": mean_std(row, "best_train_acc", 2),
@@ -103,6 +105,7 @@ def _markdown(rows: pd.DataFrame, extra_keys: list[str]) -> str:
         "L1 Factor": _plain(row["reg.l1"]),
         "L2 Factor": _plain(row["reg.l2"]),
         "Final Test Accuracy": mean_std(row, "final_test_acc", 2),
+        **({"Test Accuracy at Best Validation": mean_std(row, "test_acc_at_best_val", 2)} if validated else {}),
         "Seeds": str(row["seeds"]),
         "Epochs": str(row["epochs_min"]) if row["epochs_min"] == row["epochs_max"]
         else f"{row['epochs_min']}–{row['epochs_max']}",
@@ -232,6 +235,11 @@ def _checked_csv(rows: pd.DataFrame) -> pd.DataFrame:
         raise ValueError("no rows below the header")
     if rows["label"].isna().any():
         raise ValueError("a row without a label")
+    for name in runs.VALUE_NAMES:  # a table from before a value was collected: that value unknown in every row
+        if f"{name}_mean" not in rows:
+            at = rows.columns.get_loc("status")
+            for offset, (suffix, fill) in enumerate((("mean", np.nan), ("std", np.nan), ("n", 0))):
+                rows.insert(at + offset, f"{name}_{suffix}", fill)
     after_seeds = list(rows.columns[rows.columns.get_loc("seeds"):])
     for column in ["batch_size", "reg.l1", "reg.l2", *after_seeds]:
         if column != "status" and not pd.api.types.is_numeric_dtype(rows[column]):
@@ -241,6 +249,7 @@ def _checked_csv(rows: pd.DataFrame) -> pd.DataFrame:
         raise ValueError("seeds is not a whole number from 1 in every row")
     rows = stats.add_intervals(rows, runs.VALUE_NAMES)
     for name in runs.VALUE_NAMES:
+        rows.loc[rows[f"{name}_mean"].isna(), f"{name}_n"] = 0  # no seed has the value (an older table's)
         std, n = rows[f"{name}_std"], rows[f"{name}_n"]
         if not ((n >= 0) & (n % 1 == 0)).all():
             raise ValueError(f"{name}_n is not a whole number from 0 in every row")

@@ -24,6 +24,7 @@ MISCLASSIFIED_PNG = "misclassified.png"
 MISCLASSIFIED_SHOWN = 10  # test images in a job's misclassified grid (2 rows of 5)
 MLFLOW_RUN = "mlflow_run.json"  # logger=mlflow: the store and run id of the job's MLflow run, so a resume continues it
 TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: <job>/tensorboard/<run label>, seed <n>/ holds the event files
+TEST_CORRECT = "test_correct.json"  # which test images the final model gets right: the collector's paired tests
 RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"
 CURVES_PNG = "curves.png"
@@ -68,7 +69,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 ROW_FACTS = ("epoch", "threads")  # keys of a metrics.jsonl row that are facts about the epoch, not curves to log
 
-JOB_METRICS = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc")  # summarize()'s keys
+JOB_METRICS = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc", "test_acc_at_best_val")  # summarize()'s keys
 
 
 def summarize(history: list[dict]) -> dict[str, float | None]:
@@ -78,8 +79,14 @@ def summarize(history: list[dict]) -> dict[str, float | None]:
         return [row[key] for row in history if isinstance(row.get(key), (int, float))]
 
     train_acc, test_acc, test_loss = values("train_acc"), values("test_acc"), values("test_loss")
+    # the test accuracy of the epoch a validation split picks (best val_acc; a tie: the lower val_loss, then the
+    # earlier epoch): a number not selected on the test set
+    validated = [row for row in history if isinstance(row.get("val_acc"), (int, float))
+                 and isinstance(row.get("test_acc"), (int, float))]
+    picked = min(validated, key=lambda r: (-r["val_acc"], r.get("val_loss", 0.0), r.get("epoch", 0)), default=None)
     return {"best_train_acc": max(train_acc, default=None), "best_test_acc": max(test_acc, default=None),
-            "best_test_loss": min(test_loss, default=None), "final_test_acc": test_acc[-1] if test_acc else None}
+            "best_test_loss": min(test_loss, default=None), "final_test_acc": test_acc[-1] if test_acc else None,
+            "test_acc_at_best_val": picked["test_acc"] if picked else None}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:

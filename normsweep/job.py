@@ -19,14 +19,14 @@ import yaml
 
 from normsweep import files, tracking
 from normsweep.config import Config, validate
-from normsweep.data import Dataset, check_root, load_data
+from normsweep.data import Dataset, check_root, load_data, split
 from normsweep.runtime import job_scope, resolve_device
 from normsweep.train import Member, drain, hparams_of, training
 
 log = logging.getLogger(__name__)
 
 RESULT_FILES = (files.SUMMARY, files.METRICS, files.CHECKPOINT, files.MISCLASSIFIED, files.MISCLASSIFIED_PNG,
-                files.MLFLOW_RUN)
+                files.MLFLOW_RUN, files.TEST_CORRECT)
 
 
 def git_state() -> dict:
@@ -91,6 +91,9 @@ def check_job(cfg: Config, resolved: dict, job_dir: Path, sweep_dir: Path | None
     validate(cfg)
     resolve_device(cfg.device)
     check_root(cfg.data.name, cfg.data.root)
+    if cfg.data.val_size:  # the split's own refusals (too few images left, a class not held out), before training
+        split(load_data(cfg.data.name, cfg.data.root, cfg.data.train_limit, cfg.data.test_limit),
+              cfg.data.val_size, cfg.data.split_seed, cfg.batch_size)
     if cfg.logger.name == "mlflow":
         if cfg.logger.tracking_uri is None:  # the local store, named in the job's config.yaml too
             uri = tracking.default_uri(sweep_dir or job_dir.parent)
@@ -148,7 +151,8 @@ def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None 
             log.info("skipping %s: already completed with the same config", job_dir.name)
             lock.release()
             return files.STATUS_COMPLETED
-        data = load_data(cfg.data.name, cfg.data.root, cfg.data.train_limit, cfg.data.test_limit)
+        data = split(load_data(cfg.data.name, cfg.data.root, cfg.data.train_limit, cfg.data.test_limit),
+                     cfg.data.val_size, cfg.data.split_seed, cfg.batch_size)
         _start_or_resume(job_dir, resolved)
         return JobRun(cfg, job_dir, data, device, command or shlex.join(sys.argv), lock, sweep_dir)
     except BaseException:

@@ -4,6 +4,7 @@ checkpoint per epoch in its own one-job format, so that an interrupted job resum
 any launcher. A job that fails or diverges ends alone; the others of its group train on."""
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import math
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -50,12 +52,18 @@ class DeviceData:
     mean: float
     std: float
     class_names: tuple[str, ...]
+    val_inputs: Optional[torch.Tensor] = None  # float [V, 1, 28, 28], normalized: the held-out training images
+    val_labels: Optional[torch.Tensor] = None
 
     @classmethod
     def from_dataset(cls, data: Dataset, device: torch.device) -> "DeviceData":
-        test = (data.test_images.to(device).unsqueeze(1).float() / 255 - data.mean) / data.std
-        return cls(data.train_images.to(device), data.train_labels.to(device), test, data.test_labels.to(device),
-                   data.mean, data.std, data.class_names)
+        def inputs(images: torch.Tensor) -> torch.Tensor:
+            return (images.to(device).unsqueeze(1).float() / 255 - data.mean) / data.std
+
+        val = data.val_labels is not None and len(data.val_labels) > 0
+        return cls(data.train_images.to(device), data.train_labels.to(device), inputs(data.test_images),
+                   data.test_labels.to(device), data.mean, data.std, data.class_names,
+                   inputs(data.val_images) if val else None, data.val_labels.to(device) if val else None)
 
     def train_batch(self, idx: torch.Tensor, use_augment: bool,
                     generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,11 +288,14 @@ def _end_of_epoch(step: Step, lane: int, trainee: Trainee, metrics: dict, train_
     row = {"epoch": epoch, **metrics, "lr": trainee.scheduler.get_last_lr()[0], "threads": torch.get_num_threads(),
            "train_seconds": train_seconds}
     started = time.perf_counter()
+    if data.val_inputs is not None:
+        row["val_loss"], row["val_acc"], _ = evaluate(trainee.model, data.val_inputs, data.val_labels)
     row["test_loss"], row["test_acc"], trainee.pred = evaluate(trainee.model, data.test_inputs, data.test_labels)
     row["test_seconds"] = time.perf_counter() - started
     # the job's name on its line: jobs side by side (joblib, the gpu launcher) share one console
-    log.info("%s: epoch %d/%d train_loss %.4f train_acc %.2f test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
-             trainee.job_dir.name, epoch, cfg.epochs, row["train_loss"], row["train_acc"], row["test_loss"],
+    val = f" val_acc {row['val_acc']:.2f}" if "val_acc" in row else ""
+    log.info("%s: epoch %d/%d train_loss %.4f train_acc %.2f%s test_loss %.4f test_acc %.2f lr %.5f (%.1fs + %.1fs)",
+             trainee.job_dir.name, epoch, cfg.epochs, row["train_loss"], row["train_acc"], val, row["test_loss"],
              row["test_acc"], row["lr"], row["train_seconds"], row["test_seconds"])
     try:
         trainee.history.append(row)
@@ -304,6 +315,7 @@ def _complete(trainee: Trainee, data: DeviceData) -> None:
         if trainee.pred is None:  # resumed after its last epoch, killed before the summary
             _, _, trainee.pred = evaluate(trainee.model, data.test_inputs, data.test_labels)
         write_misclassified(trainee.job_dir, data, trainee.pred.cpu())
+        write_test_correct(trainee.job_dir, trainee.pred.cpu() == data.test_labels.cpu())
         trainee.end(files.STATUS_COMPLETED, None)
 
 
@@ -418,3 +430,11 @@ def write_misclassified(job_dir: Path, data: DeviceData, pred: torch.Tensor) -> 
     items = [{"index": i, "actual": int(labels[i]), "predicted": int(pred[i]), "image": images[k, 0].tolist()}
              for k, i in enumerate(wrong)]
     files.write_json(job_dir / files.MISCLASSIFIED, {"class_names": list(data.class_names), "items": items})
+
+
+def write_test_correct(job_dir: Path, correct: torch.Tensor) -> None:
+    """Which test images the final model gets right, one bit each (files.read_test_correct reads it back): what the
+    collector's paired test over images compares between rows."""
+    bits = np.packbits(correct.numpy().astype(np.uint8))
+    files.write_json(job_dir / files.TEST_CORRECT, {"images": len(correct), "correct": int(correct.sum()),
+                                                    "bits": base64.b64encode(bits.tobytes()).decode()})

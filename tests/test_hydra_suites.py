@@ -2,9 +2,22 @@
 not normsweep's (no prepare and finish halves) it runs each job plainly, one after another, as Hydra's basic
 launcher does. Nothing is excluded."""
 import pytest
+from hydra import version
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 pytestmark = pytest.mark.slow  # the integration suite starts Hydra apps in subprocesses
+
+
+@pytest.fixture(autouse=True)
+def hydras_default_version_base():
+    """The suites' apps expect Hydra's defaults without a version_base (a job changes into its folder), but an earlier
+    test's compose(version_base="1.3") leaves that base in Hydra's process-wide VersionBase, which
+    hydra_restore_singletons does not reset: reset it here, and put it back after."""
+    base = version.VersionBase.instance()
+    saved = base.version_base
+    base.version_base = version._UNSPECIFIED_
+    yield
+    base.version_base = saved
 
 
 @pytest.mark.parametrize("launcher_name, overrides", [("gpu", [])])
