@@ -31,8 +31,11 @@ class CheckFirst(Callback):
 
 
 class CollectAtEnd(Callback):
-    def __init__(self, baseline: Optional[str] = None) -> None:
+    def __init__(self, baseline: Optional[str] = None, margin: float = 0.2) -> None:
         self.baseline = baseline  # the differences table's baseline row; None: the first row
+        if not margin > 0:  # at the sweep's start, not after hours of training
+            raise ValueError(f"hydra.callbacks.collect.margin={margin} must be > 0 (accuracy points)")
+        self.margin = margin  # the equivalence margin of the verdicts
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         # The collector runs in a fresh process, not imported here: a sweep can run for hours, and this process
@@ -40,7 +43,8 @@ class CollectAtEnd(Callback):
         # newer checkout's files. The CLI prints the table and exits 0 (all completed), 1 (some not) or 2 (none).
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         baseline = [] if self.baseline is None else ["--baseline", self.baseline]
-        exit_code = subprocess.call([sys.executable, "-m", "normsweep.collect", str(sweep_dir), *baseline],
+        exit_code = subprocess.call([sys.executable, "-m", "normsweep.collect", str(sweep_dir), *baseline,
+                                     "--margin", repr(self.margin)],
                                     cwd=files.CHECKOUT)
         if exit_code == 0:
             log.info("results table: %s", sweep_dir / files.RESULTS_MD)

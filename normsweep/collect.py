@@ -19,6 +19,8 @@ from normsweep import files, runs, stats
 log = logging.getLogger(__name__)
 
 ROW_KEYS = ("norm.name", "reg.name", "batch_size", "reg.l1", "reg.l2")  # always define a row, own columns
+DEFAULT_MARGIN = 0.2  # accuracy points: the equivalence margin of the verdicts (--margin)
+SELECT = {"val": "test_acc_at_best_val", "final": "final_test_acc"}
 STATUS_ORDER = (files.STATUS_COMPLETED, files.STATUS_FAILED, files.STATUS_DIVERGED, files.STATUS_RUNNING,
                 runs.STATUS_UNFINISHED)  # the order of the counts in a Status cell; unreadable ones come last
 
@@ -126,12 +128,16 @@ def _follows_batch_size(rows: pd.DataFrame, key: str) -> bool:
     return bool((rows.groupby("batch_size")[key].agg(lambda s: s.map(_plain).nunique()) <= 1).all())
 
 
-def collect(dirs: list[Path], baseline: str | None = None, plots: bool = True) -> Report:
+def collect(dirs: list[Path], baseline: str | None = None, plots: bool = True, select: str = "auto",
+            margin: float = DEFAULT_MARGIN) -> Report:
     """Read every run folder under dirs; write results.md, results.csv and (unless plots is False) the plots into
     dirs[0]. The differences in results.md are against the row named `baseline` (default: the first row).
 
     Raises NoRunsError or stats.BaselineError (and writes nothing) when there is no run folder with a readable
-    config, or no row of that name. Once results.md is written nothing raises: a plot that fails is a problem."""
+    config, or no row of that name, and stats.SelectionError when the rows hold out different validation splits
+    or `select` names a number some row lacks. select: the accuracy the differences are tested on, "val" (test
+    accuracy at the best validation epoch), "final" (the last epoch's) or "auto" (val when every row has it). Once
+    results.md is written nothing raises: a plot that fails is a problem."""
     dirs, problems = [Path(d) for d in dirs], []
     job_dirs = runs.find_job_dirs(dirs)
     jobs = [job for job in (runs.read_job(d, problems) for d in job_dirs) if job is not None]
@@ -142,13 +148,13 @@ def collect(dirs: list[Path], baseline: str | None = None, plots: bool = True) -
     lock = files.FolderLock(dirs[0], files.COLLECT_LOCK)
     lock.acquire(wait=True)  # one collector at a time writes into the folder (two sweeps may end together)
     try:
-        return _write(dirs[0], left_out, jobs, problems, baseline, plots)
+        return _write(dirs[0], left_out, jobs, problems, baseline, plots, select, margin)
     finally:
         lock.release()
 
 
 def _write(out_dir: Path, left_out: int, jobs: list[runs.Job], problems: list[str], baseline: str | None,
-           plots: bool) -> Report:
+           plots: bool, select: str, margin: float) -> Report:
     all_keys = dict.fromkeys(k for job in jobs for k in job.config)  # config order, first seen first
     extra_keys = [k for k in all_keys if k not in ROW_KEYS and k != "seed" and not files.is_runtime_key(k)
                   and len({job.config.get(k) for job in jobs}) > 1]
@@ -158,7 +164,12 @@ def _write(out_dir: Path, left_out: int, jobs: list[runs.Job], problems: list[st
         groups.setdefault(tuple(job.config.get(k) for k in keys), []).append(job)
     ordered = sorted(groups.items(), key=lambda item: _sort_key(item[0]))
     rows = stats.add_intervals(pd.DataFrame([_row(key, keys, group) for key, group in ordered]), runs.VALUE_NAMES)
-    markdown = _markdown(rows, extra_keys) + stats.differences_markdown(rows, _names(rows, keys[2:]), baseline)
+    _check_one_split(jobs)
+    selected = _selected(rows, select)
+    paired = [_paired(group, ordered[stats.baseline_index(_names(rows, keys[2:]), baseline)][1])
+              for _, group in ordered]
+    markdown = _markdown(rows, extra_keys) + stats.differences_markdown(rows, _names(rows, keys[2:]), baseline,
+                                                                        selected, margin, paired)
     not_ours = _not_ours(out_dir)  # told before the tables are written: an older plot is ours beside our table
     _write_tables(out_dir, rows, markdown)
     if plots:
@@ -173,6 +184,39 @@ def _write(out_dir: Path, left_out: int, jobs: list[runs.Job], problems: list[st
     unfinished = left_out + sum(job.status != files.STATUS_COMPLETED for job in jobs)
     running = sum(job.status == files.STATUS_RUNNING for job in jobs)
     return Report(rows, markdown, out_dir, unfinished, problems, running)
+
+
+def _selected(rows: pd.DataFrame, select: str) -> str:
+    """The metric the differences are tested on: never a number picked on the test set."""
+    has_val = bool((rows["test_acc_at_best_val_n"] > 0).all())
+    if select == "auto":
+        return SELECT["val"] if has_val else SELECT["final"]
+    if select == "val" and not has_val:
+        raise stats.SelectionError("--select val: some rows have no validation split (data.val_size=0): use "
+                                   "--select final")
+    return SELECT[select]
+
+
+def _check_one_split(jobs: list[runs.Job]) -> None:
+    splits = {(job.config.get("data.val_size") or 0, job.config.get("data.split_seed") or 0) for job in jobs}
+    if len(splits) > 1:
+        shown = "; ".join(f"val_size={v} split_seed={s}" for v, s in sorted(splits))
+        raise stats.SelectionError(f"the runs hold out different validation splits ({shown}): their rows trained on "
+                                   "different images, so no differences table is made; collect each split apart")
+
+
+def _paired(group: list[runs.Job], base: list[runs.Job]) -> tuple[int, int] | None:
+    """(test images right in the row only, right in the baseline only), summed over the seeds both rows have with a
+    test_correct.json of the same test set; None when no seed pairs up."""
+    base_by_seed = {job.config.get("seed"): job.correct for job in base if job.correct is not None}
+    right_only = base_only = pairs = 0
+    for job in group:
+        other = base_by_seed.get(job.config.get("seed"))
+        if job.correct is not None and other is not None and len(other) == len(job.correct):
+            right_only += int((job.correct & ~other).sum())
+            base_only += int((other & ~job.correct).sum())
+            pairs += 1
+    return (right_only, base_only) if pairs else None
 
 
 def _not_ours(out_dir: Path) -> dict[Path, Exception]:
@@ -261,14 +305,16 @@ def _checked_csv(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def rebuild_from_csv(csv_path: Path, baseline: str | None = None) -> str:
+def rebuild_from_csv(csv_path: Path, baseline: str | None = None, select: str = "auto",
+                     margin: float = DEFAULT_MARGIN) -> str:
     """results.md (and results.csv, with confidence intervals added) beside a results.csv, from its means, stds and
     seed counts alone: for tables whose job folders are gone. -> the markdown."""
     rows = pd.read_csv(csv_path, dtype={"label": str, "status": str})  # a label "1" stays text
     keys = list(rows.columns[1:rows.columns.get_loc("seeds")])  # the row keys, then the extra keys, as written
     rows = _checked_csv(rows)
     names = _names(rows, keys[2:])
-    markdown = _markdown(rows, keys[len(ROW_KEYS):]) + stats.differences_markdown(rows, names, baseline)
+    markdown = _markdown(rows, keys[len(ROW_KEYS):]) + stats.differences_markdown(rows, names, baseline,
+                                                                                   _selected(rows, select), margin)
     lock = files.FolderLock(csv_path.parent, files.COLLECT_LOCK)
     lock.acquire(wait=True)
     try:
@@ -289,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
                         "by its name in the table (default: the first row)")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only (much faster on a large "
                         "sweep); plots of an earlier collection stay as they were")
+    parser.add_argument("--select", choices=("auto", "val", "final"), default="auto", help="the test accuracy the "
+                        "differences are tested on: at the best validation epoch (val), the last epoch's (final), or "
+                        "val when every row has a validation split (auto, the default)")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="equivalence margin of the verdicts, "
+                        f"in accuracy points (default {DEFAULT_MARGIN})")
     parser.add_argument("--from-csv", type=Path, metavar="RESULTS_CSV", help="rebuild results.md beside this "
                         "results.csv from its means, stds and seed counts (no job folders needed)")
     try:
@@ -303,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.from_csv is not None:
             try:
-                print(rebuild_from_csv(args.from_csv, args.baseline), end="")
-            except stats.BaselineError as error:
+                print(rebuild_from_csv(args.from_csv, args.baseline, args.select, args.margin), end="")
+            except (stats.BaselineError, stats.SelectionError) as error:
                 log.error("%s", error)
                 return 2
             except Exception as error:  # noqa: BLE001 - any CSV this collector did not write: one line, no traceback
@@ -320,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("not a directory: %s", ", ".join(map(str, missing)))
             return 2
         try:
-            report = collect(args.dirs, args.baseline, plots=not args.no_plots)
-        except (NoRunsError, stats.BaselineError) as error:
+            report = collect(args.dirs, args.baseline, not args.no_plots, args.select, args.margin)
+        except (NoRunsError, stats.BaselineError, stats.SelectionError) as error:
             log.error("%s", error)
             return 2
         except Exception as error:  # noqa: BLE001 - e.g. the folder cannot be written: one line, not a traceback

@@ -69,7 +69,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 ROW_FACTS = ("epoch", "threads")  # keys of a metrics.jsonl row that are facts about the epoch, not curves to log
 
-JOB_METRICS = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc", "test_acc_at_best_val")  # summarize()'s keys
+JOB_METRICS = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc", "test_acc_at_best_val",
+               "final_test_loss")  # summarize()'s keys
 
 
 def summarize(history: list[dict]) -> dict[str, float | None]:
@@ -86,7 +87,8 @@ def summarize(history: list[dict]) -> dict[str, float | None]:
     picked = min(validated, key=lambda r: (-r["val_acc"], r.get("val_loss", 0.0), r.get("epoch", 0)), default=None)
     return {"best_train_acc": max(train_acc, default=None), "best_test_acc": max(test_acc, default=None),
             "best_test_loss": min(test_loss, default=None), "final_test_acc": test_acc[-1] if test_acc else None,
-            "test_acc_at_best_val": picked["test_acc"] if picked else None}
+            "test_acc_at_best_val": picked["test_acc"] if picked else None,
+            "final_test_loss": test_loss[-1] if test_loss else None}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:

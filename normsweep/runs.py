@@ -2,6 +2,7 @@
 and checked value by value, so that a damaged or hostile folder marks its own job and nothing else. No torch."""
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -24,7 +25,8 @@ STATUS_UNREADABLE = "unreadable"  # a file of the job is corrupt: "unreadable: <
 # would stall the collector.
 SMALL_FILE_LIMIT = 1 << 20  # config.yaml, .hydra/config.yaml, summary.json: a few KB in practice
 LARGE_FILE_LIMIT = 64 << 20  # metrics.jsonl (~200 bytes an epoch), misclassified.json (~40 KB)
-EPOCH_NUMBERS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "test_seconds")
+EPOCH_NUMBERS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "train_seconds", "test_seconds",
+                 "val_loss", "val_acc")
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Job:
     # the distinct CPU thread counts its epochs ran under, sorted; more than one: resumed under another count, so
     # not bit-identical to an uninterrupted run. Empty: not recorded (folders older than the count)
     threads: list[int] = field(default_factory=list)
+    correct: np.ndarray | None = None  # bool [test images]: which its final model gets right (test_correct.json)
 
 
 def warn(problems: list[str], message: str) -> None:
@@ -236,8 +239,12 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
         epochs_done = len(metrics)
         status = files.STATUS_RUNNING if files.is_locked(job_dir) else STATUS_UNFINISHED
     else:
-        status, epochs_done, values, threads = summary
+        status, epochs_done, summarized, threads = summary
         epochs_done = epochs_done or len(metrics)
+        # a summary older than a value (test_acc_at_best_val, final_test_loss): that value from its epochs
+        from_epochs = files.summarize(records)
+        values = {k: float(from_epochs[k]) if np.isnan(v) and from_epochs[k] is not None else v
+                  for k, v in summarized.items()}
     if threads is None:  # a summary older than threads_per_epoch, or none: the epochs' own counts
         threads = [r["threads"] for r in records if r.get("threads") is not None]
     misclassified = None
@@ -246,9 +253,27 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
             misclassified = read_misclassified(job_dir / files.MISCLASSIFIED)
         except Exception as error:  # noqa: BLE001
             unreadable(files.MISCLASSIFIED, error)
+    correct = None
+    if present(files.TEST_CORRECT):
+        try:
+            correct = read_test_correct(job_dir / files.TEST_CORRECT)
+        except Exception as error:  # noqa: BLE001
+            unreadable(files.TEST_CORRECT, error)
     if bad:
         status = f"{STATUS_UNREADABLE}: {', '.join(bad)}"
-    return Job(job_dir, config, status, epochs_done, values, metrics, misclassified, sorted(set(threads)))
+    return Job(job_dir, config, status, epochs_done, values, metrics, misclassified, sorted(set(threads)), correct)
+
+
+def read_test_correct(path: Path) -> np.ndarray:
+    """test_correct.json (train.write_test_correct) -> bool [images], checked against its own count."""
+    data = json.loads(read_bounded(path, SMALL_FILE_LIMIT))
+    if not isinstance(data, dict) or not _is_count(data.get("images")) or not isinstance(data.get("bits"), str):
+        raise TypeError("not a JSON object with images and bits")
+    bits = np.frombuffer(base64.b64decode(data["bits"], validate=True), dtype=np.uint8)
+    correct = np.unpackbits(bits)[:data["images"]].astype(bool)
+    if len(correct) != data["images"] or int(correct.sum()) != data.get("correct"):
+        raise ValueError("its bits do not hold its images and correct counts")
+    return correct
 
 
 def _identity(job: Job) -> str:

@@ -82,13 +82,16 @@ EXPECTED_TABLE = """\
 """
 
 
-# GroupNorm with L1 against BatchNorm, Welch: best test acc -0.40, se = sqrt(0.02/2 + 0.01/3) = 0.1155 with
-#   df = 0.01333^2 / (0.01^2/1 + 0.00333^2/2) = 1.684, t_0.975(1.684) = 5.20 -> ±0.60; best loss +0.0100,
-#   se = sqrt(2e-6/2 + 1e-6/3) = 0.001155, the same df -> ±0.0060. Two seeds: no p-value.
-EXPECTED_DIFFERENCES = """| Row               | n     | Δ best test acc (95 % CI)   | p (best test acc)   | Δ best test loss (95 % CI)   | p (best test loss)   |
-|:------------------|:------|:----------------------------|:--------------------|:-----------------------------|:---------------------|
-| BatchNorm         | 3 / 3 | baseline                    |                     | baseline                     |                      |
-| GroupNorm with L1 | 2 / 3 | −0.40 [−1.00, +0.20]        | n < 3 †             | +0.0100 [+0.0040, +0.0160]   | n < 3 †              |
+# GroupNorm with L1 against BatchNorm, on the final test accuracy (no validation split here; the best test accuracy
+#   is selected on the test set, so it is never tested), Welch: -0.30, se = sqrt(0.02/2 + 0.03/3) = 0.1414 with
+#   df = 0.02^2 / (0.01^2/1 + 0.01^2/2) = 2.667, t_0.975(2.667) = 3.42 -> [-0.78, +0.18]; Hedges' g: -0.30 over
+#   the pooled sd sqrt((0.02 + 2 * 0.03) / 3) = 0.1633 is d = -1.837, times 1 - 3/11 -> -1.34, se
+#   sqrt(5/6 + 1.34^2/10) = 1.006 -> ± 1.97; seeds for ±0.2 at 80 % power: 11.5 -> 12. Final loss: .031 - .02267 =
+#   +0.0083 [+0.0033, +0.0134]. Two seeds: no test, no verdict.
+EXPECTED_DIFFERENCES = """| Row               | n     | Δ final test acc (95 % CI)   | p (Holm)   | Hedges' g (95 % CI)   | McNemar b / c, p (Holm)   | Verdict (±0.2)       | Seeds for ±0.2   | Δ final test loss (95 % CI)   | p loss (Holm)   |
+|:------------------|:------|:-----------------------------|:-----------|:----------------------|:--------------------------|:---------------------|:-----------------|:------------------------------|:----------------|
+| BatchNorm         | 3 / 3 | baseline                     |            |                       |                           |                      |                  |                               |                 |
+| GroupNorm with L1 | 2 / 3 | −0.30 [−0.78, +0.18]         | n < 3 †    | −1.34 ± 1.97          | n/a                       | inconclusive (n < 3) | 12               | +0.0083 [+0.0033, +0.0134]    | n < 3 †         |
 """
 
 
@@ -299,8 +302,8 @@ def test_intervals_and_tests_agree_with_an_independent_computation(tmp_path):
     diff = np.mean(values["LayerNorm"]) - np.mean(values["BatchNorm"])
     line = [line for line in report.markdown.splitlines() if line.startswith("| LayerNorm")][-1]  # 2nd table
     cells = [cell.strip() for cell in line.strip("|").split("|")]
-    assert cells[2] == f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]".replace("-", "−")
-    assert cells[3] == f"{welch.pvalue:.3f}"
+    assert cells[2] == f"{diff:+.2f} [{low:+.2f}, {high:+.2f}]".replace("-", "−")  # one epoch: final = best
+    assert cells[3] == f"{welch.pvalue:.3f} ({welch.pvalue:.3f})"  # one row against the baseline: Holm = raw
 
 
 def test_baseline_is_chosen_by_name_and_a_wrong_one_lists_the_rows(tmp_path, capsys):
@@ -308,7 +311,7 @@ def test_baseline_is_chosen_by_name_and_a_wrong_one_lists_the_rows(tmp_path, cap
     assert main([str(tmp_path), "--baseline", "GroupNorm with L1", "--no-plots"]) == 0
     markdown = (tmp_path / files.RESULTS_MD).read_text()
     assert "## Differences against the baseline: GroupNorm with L1" in markdown
-    assert "| BatchNorm         | 3 / 2 | +0.40 [−0.20, +1.00]" in markdown
+    assert "| BatchNorm         | 3 / 2 | +0.30 [−0.18, +0.78]" in markdown
     before = markdown
     capsys.readouterr()
     assert main([str(tmp_path), "--baseline", "Batchnorm"]) == 2

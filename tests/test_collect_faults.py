@@ -397,10 +397,10 @@ def test_an_older_csv_with_std_0_for_one_seed_reads_as_one_seed(tmp_path):
 
 
 def test_intervals_and_differences_take_a_nan_std():
-    rows = pd.DataFrame({"seeds": [1, 3], "best_test_acc_mean": [99.0, 98.0], "best_test_acc_std": [float("nan"), 0.1],
-                         "best_test_loss_mean": [0.02, 0.03], "best_test_loss_std": [float("nan"), 0.001]})
-    rows = stats.add_intervals(rows, ("best_test_acc", "best_test_loss"))
-    assert rows["best_test_acc_ci95"].isna().tolist() == [True, False]
+    rows = pd.DataFrame({"seeds": [1, 3], "final_test_acc_mean": [99.0, 98.0], "final_test_acc_std": [float("nan"), 0.1],
+                         "final_test_loss_mean": [0.02, 0.03], "final_test_loss_std": [float("nan"), 0.001]})
+    rows = stats.add_intervals(rows, ("final_test_acc", "final_test_loss"))
+    assert rows["final_test_acc_ci95"].isna().tolist() == [True, False]
     table = stats.differences_markdown(rows, ["one seed", "three seeds"], "three seeds")
     assert "| one seed    | 1 / 3 | +1.00" in table and "n < 3 †" in table
 
