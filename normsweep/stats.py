@@ -140,9 +140,10 @@ def seeds_for(std: float, base_std: float, n: int, base_n: int, margin: float) -
     if min(n, base_n) < 2:
         return math.nan
     pooled = math.sqrt(((n - 1) * std**2 + (base_n - 1) * base_std**2) / (n + base_n - 2))
-    if pooled == 0:
+    power = TTestIndPower()
+    if pooled == 0 or power.power(margin / pooled, nobs1=2, alpha=ALPHA) >= 0.8:  # two seeds resolve it already
         return 2.0
-    return float(math.ceil(TTestIndPower().solve_power(effect_size=margin / pooled, alpha=ALPHA, power=0.8)))
+    return float(math.ceil(power.solve_power(effect_size=margin / pooled, alpha=ALPHA, power=0.8)))
 
 
 def mcnemar(right_only: int, base_only: int) -> float:
@@ -203,8 +204,9 @@ def differences_markdown(rows: pd.DataFrame, names: list[str], baseline: str | N
                                                                  margin))
         loss_diff, loss_half, _ = welch(*arguments(i, "final_test_loss"))
         cell["Δ final test loss (95 % CI)"] = _difference(loss_diff, loss_half, 4)
+        known = min(int(row["final_test_loss_n"]), int(b["final_test_loss_n"])) > 0  # older tables lack it
         cell["p loss (Holm)"] = _p_pair(welch_p["final_test_loss"][i], holm_p["final_test_loss"][i],
-                                        enough(i, "final_test_loss"))
+                                        enough(i, "final_test_loss")) if known else "n/a"
         cells.append(cell)
     columns = list(dict.fromkeys(k for cell in cells for k in cell))
     cells = [{k: cell.get(k, "") for k in columns} for cell in cells]  # the baseline's row: empty cells

@@ -32,7 +32,7 @@ def main() -> None:
             p_train, p_test, p_loss, _ = published
             floor = (1 - p_test / 100) * math.log(2)  # each error costs >= ln 2 of NLL
             print(f"| {r['label']} | {r['batch_size']} | {train} / {p_train:.2f} | {test} / {p_test:.2f} "
-                  f"| {loss} / {p_loss:.4f} | ≥ {floor:.4f} |")
+                  f"| {loss} / {p_loss:.4f} | ≥ {math.floor(floor * 1e4) / 1e4:.4f} |")  # a bound: rounded down
         else:
             print(f"| {r['label']} | {r['batch_size']} | {train} / — | {test} / — | {loss} / — | |")
 
