@@ -31,12 +31,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from normsweep.config import Config  # noqa: E402
-from normsweep.data import load_data, obtain_mnist  # noqa: E402
-from normsweep.model import build_model  # noqa: E402
-from normsweep.runtime import keep_freed_memory  # noqa: E402
-from normsweep.step import Lane, Step, make_optimizer, momentum_buffers  # noqa: E402
-from normsweep.train import DeviceData, drain, steps_per_epoch  # noqa: E402
+from normsweep.config import Config
+from normsweep.data import load_data, obtain_mnist
+from normsweep.model import build_model
+from normsweep.runtime import keep_freed_memory
+from normsweep.step import Lane, Step, make_optimizer, momentum_buffers
+from normsweep.train import DeviceData, drain, steps_per_epoch
 
 
 def sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import hydra
 from hydra.core.config_loader import ConfigLoader
@@ -20,10 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from normsweep import cli, files, progress
-from normsweep.config import Config, config_source_args
-from normsweep.data import DataError
-from normsweep.job import JobRun, check_job, prepare_job, same_job
+from normsweep.config import Config, config_source_args, validate
+from normsweep.files import DataError
 from normsweep.runtime import cores_given
+
+if TYPE_CHECKING:
+    from normsweep.job import JobRun
+
+# job (and with it torch and the trainer) is imported where a job is checked beyond its values or prepared: a
+# refused value, --help and Hydra's own errors cost no torch import (seconds on a busy machine)
 
 RUN_PY = files.CHECKOUT / "run.py"
 MULTIRUN_YAML = "multirun.yaml"  # Hydra writes it into the sweep folder
@@ -147,6 +152,9 @@ def check(config: DictConfig) -> tuple[Path, dict]:
     job_dir = job_dir_of(hydra_cfg)
     task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     cfg, resolved = settle(task, hydra_cfg)
+    validate(cfg)  # before the checks that need torch
+    from normsweep.job import check_job
+
     sweep_dir = sweep_dir_of(hydra_cfg, job_dir)
     check_hydras_paths(hydra_cfg, job_dir, sweep_dir)
     check_job(cfg, resolved, job_dir, sweep_dir)
@@ -199,9 +207,11 @@ def refuse(error: Exception) -> NoReturn:
     raise SystemExit(2) from error
 
 
-def prepare(cfg: DictConfig) -> JobRun | str:
+def prepare(cfg: DictConfig) -> "JobRun | str":
     """The job of this Hydra config, ready to train, or its status when it already completed or runs elsewhere.
     Bad settings or data: one line on stderr, nothing left that this run made, SystemExit(2), which stops a sweep."""
+    from normsweep.job import prepare_job
+
     hydra_cfg = HydraConfig.get()
     job_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -266,6 +276,8 @@ def check_sweep(config_loader: ConfigLoader, config: DictConfig, jobs: list[list
     """Every job of a sweep checked (check) before the first one trains or any folder is made: a bad combination,
     or two jobs of other configs that would share a folder, stops the sweep with one line naming it.
     -> the facts its progress lines need (jobs, their epochs, the epochs their folders hold already, the start)."""
+    from normsweep.job import same_job
+
     folders: dict[Path, tuple[list[str], dict]] = {}
     for overrides in jobs:
         try:

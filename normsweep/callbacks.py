@@ -22,7 +22,7 @@ class CheckFirst(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from normsweep import app  # here: the callback is instantiated for every Hydra run, --help included
-        from normsweep.data import DataError
+        from normsweep.files import DataError
 
         try:
             app.check(config)

@@ -179,7 +179,7 @@ def _write(out_dir: Path, left_out: int, jobs: list[runs.Job], problems: list[st
             from normsweep import tracking
 
             tracking.log_collected(out_dir, [job.path for job in jobs])
-        except Exception as error:  # noqa: BLE001 - the table stands; say why MLflow did not get it
+        except Exception as error:  # the table stands; say why MLflow did not get it
             runs.warn(problems, f"MLflow: results not logged ({type(error).__name__}: {error})")
     unfinished = left_out + sum(job.status != files.STATUS_COMPLETED for job in jobs)
     running = sum(job.status == files.STATUS_RUNNING for job in jobs)
@@ -241,7 +241,7 @@ def _plot(out_dir: Path, rows: pd.DataFrame, keys: list[str], ordered: list[tupl
                 raise not_ours[path]
             files.check_own_file(path)  # a job's misclassified.png: the job folder is the job's
             plot()
-        except Exception as error:  # noqa: BLE001 - results.md is written; the other plots are drawn all the same
+        except Exception as error:  # results.md is written; the other plots are drawn all the same
             runs.warn(problems, f"{path}: not drawn ({type(error).__name__}: {error})")
 
     path = out_dir / files.CURVES_PNG
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             except (stats.BaselineError, stats.SelectionError) as error:
                 log.error("%s", error)
                 return 2
-            except Exception as error:  # noqa: BLE001 - any CSV this collector did not write: one line, no traceback
+            except Exception as error:  # any CSV this collector did not write: one line, no traceback
                 log.error("%s: not a results.csv of this collector (%s: %s)", args.from_csv, type(error).__name__,
                           " ".join(str(error).split()))
                 return 2
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         except (NoRunsError, stats.BaselineError, stats.SelectionError) as error:
             log.error("%s", error)
             return 2
-        except Exception as error:  # noqa: BLE001 - e.g. the folder cannot be written: one line, not a traceback
+        except Exception as error:  # e.g. the folder cannot be written: one line, not a traceback
             log.error("no table written: %s: %s", type(error).__name__, " ".join(str(error).split()))
             return 3
         print(report.markdown, end="")

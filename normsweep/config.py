@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from normsweep import files
-from normsweep.model import NORM_LAYERS, NORM_WIDTHS
+from normsweep.norms import NORM_WIDTHS, NORMS
 
 
 class Choice(str, Enum):
@@ -36,10 +36,9 @@ def _choice(name: str, values) -> type[Choice]:
     return Choice(name, {value: value for value in values}, module=__name__, qualname=name)
 
 
-# Each list has one owner: the norms are the model's layer table (labels in files.NORM_NAMES, checked in model.py),
-# the regularizers the table's row labels, the objectives the metrics a job's summary holds; the rest are listed
-# here.
-NormName = _choice("NormName", NORM_LAYERS)
+# Each list has one owner: the norms are norms.NORMS (torch-free; model.py maps them to layers and checks it), the
+# regularizers the table's row labels, the objectives the metrics a job's summary holds; the rest are listed here.
+NormName = _choice("NormName", NORMS)
 RegName = _choice("RegName", files.REG_SUFFIXES)
 DataName = _choice("DataName", ("mnist", "fashion_mnist", "fake"))  # data.DATASETS, which a test pins to this
 Device = _choice("Device", ("auto", "cpu", "cuda"))
@@ -197,12 +196,14 @@ def validate(cfg: Config) -> None:
         (cfg.data.val_size >= 0, f"data.val_size={cfg.data.val_size} must be >= 0 (0 = no validation split)"),
         (0 <= cfg.data.split_seed < 2**32, f"data.split_seed={cfg.data.split_seed} must be in [0, 2**32)"),
     ]
-    if cfg.norm.name == "bn":  # BatchNorm cannot normalize a batch of one sample
-        checks += [(cfg.batch_size >= 2, f"batch_size={cfg.batch_size}: norm=bn needs at least 2 samples in every "
-                    "training batch"),
-                   (cfg.data.train_limit is None or cfg.data.train_limit >= 2,
-                    f"data.train_limit={cfg.data.train_limit}: norm=bn needs at least 2 training images")]
-    if cfg.norm.name == "gn":
+    norm = NORMS[str(cfg.norm.name)]
+    if norm.min_batch > 1:  # e.g. BatchNorm cannot normalize a batch of one sample
+        checks += [(cfg.batch_size >= norm.min_batch, f"batch_size={cfg.batch_size}: norm={cfg.norm.name} needs at "
+                    f"least {norm.min_batch} samples in every training batch"),
+                   (cfg.data.train_limit is None or cfg.data.train_limit >= norm.min_batch,
+                    f"data.train_limit={cfg.data.train_limit}: norm={cfg.norm.name} needs at least {norm.min_batch} "
+                    "training images")]
+    if norm.grouped:
         widths = " and ".join(map(str, NORM_WIDTHS))
         divisors = [g for g in range(1, min(NORM_WIDTHS) + 1) if all(w % g == 0 for w in NORM_WIDTHS)]
         checks.append((cfg.norm.groups > 0 and all(w % cfg.norm.groups == 0 for w in NORM_WIDTHS),

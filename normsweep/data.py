@@ -30,13 +30,11 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from normsweep.files import write_atomic
+from normsweep.files import DataError, write_atomic
 
 logger = logging.getLogger(__name__)
 
 
-class DataError(Exception):
-    """One-line, user-facing message naming the problem (file) and the fix."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: field-wise == on tensors is ambiguous

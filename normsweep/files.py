@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from normsweep.norms import NORMS
+
 CHECKOUT = Path(__file__).resolve().parents[1]  # the folder holding this package and run.py
 
 CONFIG = "config.yaml"  # fully resolved config the job ran with
@@ -50,7 +52,7 @@ def is_runtime_key(key: str) -> bool:
     """A RUNTIME_KEYS entry or a key under one (logger.tracking_uri under logger)."""
     return any(key == k or key.startswith(f"{k}.") for k in RUNTIME_KEYS)
 
-NORM_NAMES = {"bn": "BatchNorm", "gn": "GroupNorm", "ln": "LayerNorm"}  # dict order is the table's row order
+NORM_NAMES = {name: norm.label for name, norm in NORMS.items()}  # the table's row labels, in its row order
 REG_SUFFIXES = {"none": "", "l1": " with L1", "l2": " with L2", "l1l2": " with L1 and L2"}
 
 
@@ -219,6 +221,10 @@ def remove_created(folder: Path, names: list[str], since: float) -> None:
             os.rmdir(here)
     except OSError:
         return  # what could not be removed stays: better a leftover than a lost file
+
+
+class DataError(Exception):
+    """One-line, user-facing message naming the problem (file) and the fix: the data step's refusals (data.py)."""
 
 
 class NotRegularFileError(ValueError):

@@ -203,7 +203,7 @@ class JobRun:
         with job_scope(self.job_dir):
             try:
                 self.tracker = self._open_tracker()
-            except Exception as e:  # noqa: BLE001 - recorded as the job's failure, as any failure in training
+            except Exception as e:  # recorded as the job's failure, as any failure in training
                 log.exception("%s failed", self.job_dir.name)
                 self.end(files.STATUS_FAILED, f"{type(e).__name__}: {e}", {})
                 return None
@@ -247,7 +247,7 @@ class JobRun:
         if self.tracker is not None:
             try:
                 self.tracker.finish(status, history)
-            except Exception as e:  # noqa: BLE001 - the job's own files are complete; say what MLflow lacks
+            except Exception as e:  # the job's own files are complete; say what MLflow lacks
                 log.error("%s: its MLflow run was not finished (%s: %s)", self.job_dir.name, type(e).__name__, e)
 
     def _open_tracker(self) -> "tracking.JobTracker | None":

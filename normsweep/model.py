@@ -10,24 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normsweep import files
+from normsweep.norms import NARROW, NORMS, WIDE
 
 if TYPE_CHECKING:
     from normsweep.config import NormConfig
 
-# The norms: name -> layer factory(channels, groups, lanes) over lanes x channels, each lane normalized on its own.
-# The config's choices come from this table; each name needs a label in files.NORM_NAMES (the table's rows, read
-# without torch) and a conf/norm/<name>.yaml.
+# The norms' layers: name -> layer factory(channels, groups, lanes) over lanes x channels, each lane normalized on
+# its own. The names and what they need are norms.NORMS (torch-free: the schema and the collector read it).
 NORM_LAYERS = {
     "bn": lambda channels, groups, lanes: nn.BatchNorm2d(lanes * channels),  # per-channel statistics
     "gn": lambda channels, groups, lanes: nn.GroupNorm(lanes * groups, lanes * channels),  # groups never span lanes
     "ln": lambda channels, groups, lanes: nn.GroupNorm(lanes, lanes * channels),  # one group per lane: a sample's all
 }
-if set(NORM_LAYERS) != set(files.NORM_NAMES):
-    raise ImportError(f"model.NORM_LAYERS {sorted(NORM_LAYERS)} and files.NORM_NAMES {sorted(files.NORM_NAMES)} "
-                      "must name the same norms")
-WIDE, NARROW = 16, 8  # channels of the conv blocks
-NORM_WIDTHS = (NARROW, WIDE)  # channel counts of the layers a norm normalizes: norm.groups must divide each
+if set(NORM_LAYERS) != set(NORMS):
+    raise ImportError(f"model.NORM_LAYERS {sorted(NORM_LAYERS)} and norms.NORMS {sorted(NORMS)} must name the same "
+                      "norms")
 
 
 def keep_mask(like: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -93,16 +90,21 @@ class NormDropout(nn.Module):
         if not self.training or not any(self.ps):
             return self.norm(x)
         norm = self.norm
-        if len(self.ps) == 1:  # a 0-dim scale: one job's arithmetic exactly as before lanes came in
-            weight, bias = norm.weight * (1.0 / (1.0 - self.ps[0])), norm.bias * (1.0 / (1.0 - self.ps[0]))
-        else:
-            weight, bias = norm.weight * self.scale, norm.bias * self.scale
-        if isinstance(norm, nn.BatchNorm2d):
+        weight = bias = None
+        if type(norm) in (nn.BatchNorm2d, nn.GroupNorm):  # the fold: the rescale inside the affine
+            if len(self.ps) == 1:  # a 0-dim scale: one job's arithmetic exactly as before lanes came in
+                weight, bias = norm.weight * (1.0 / (1.0 - self.ps[0])), norm.bias * (1.0 / (1.0 - self.ps[0]))
+            else:
+                weight, bias = norm.weight * self.scale, norm.bias * self.scale
+        if type(norm) is nn.BatchNorm2d:
             # training-mode batch norm updating the running statistics, exactly as nn.BatchNorm2d does
             norm.num_batches_tracked.add_(1)
             y = F.batch_norm(x, norm.running_mean, norm.running_var, weight, bias, True, norm.momentum, norm.eps)
-        else:
+        elif type(norm) is nn.GroupNorm:
             y = F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+        else:  # a layer this fold does not know: the layer itself, then the rescale as a pass of its own
+            scale = self.scale.view(1, -1, *([1] * (x.dim() - 2))) if len(self.ps) > 1 else 1.0 / (1.0 - self.ps[0])
+            y = norm(x) * scale
         return y * self._mask(y)
 
 
@@ -135,7 +137,8 @@ class Net(nn.Module):
             block(w, w, 3),  # [B, 16, 8, 8]
             block(w, w, 3),  # [B, 16, 6, 6]
             nn.AdaptiveAvgPool2d(1),  # global average pool: [B, 16, 1, 1]
-            block(w, w, 1),
+            # a norm of each sample's own pixels has nothing to normalize on a 1x1 map: that block has none
+            block(w, w, 1) if not NORMS[str(norm.name)].needs_pixels else nn.Sequential(conv(w, w, 1), nn.ReLU()),
             conv(w, 10, 1),  # [B, 10, 1, 1]
         )
 

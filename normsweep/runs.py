@@ -108,7 +108,7 @@ def _load_yaml(text: str) -> object:
     for event in yaml.parse(text, Loader=loader):  # events only: nothing is built or expanded yet
         if isinstance(event, yaml.AliasEvent):
             raise yaml.YAMLError(f"line {event.start_mark.line + 1}: aliases (*name) are not allowed")
-    return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    return yaml.load(text, Loader=loader)  # a safe loader
 
 
 def _is_number(value: object) -> bool:
@@ -211,18 +211,18 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
 
     try:
         config = _read_config(job_dir / files.CONFIG)
-    except Exception as error:  # noqa: BLE001 - any damage: OSError, UnicodeDecodeError, YAML, wrong types
+    except Exception as error:  # any damage: OSError, UnicodeDecodeError, YAML, wrong types
         unreadable(files.CONFIG, error)
         try:
             config = _read_config(job_dir / ".hydra" / files.CONFIG)
-        except Exception:  # noqa: BLE001
+        except Exception:
             warn(problems, f"{job_dir}: no readable config; job left out of the table")
             return None
     records: list[dict] = []
     if present(files.METRICS):
         try:
             records = _read_metrics(job_dir / files.METRICS)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             unreadable(files.METRICS, error)
     metrics = pd.DataFrame(records)
     if "epoch" not in metrics:
@@ -231,7 +231,7 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
     if present(files.SUMMARY):
         try:
             summary = _read_summary(job_dir / files.SUMMARY)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             unreadable(files.SUMMARY, error)
     threads = None
     if summary is None:  # killed, still running, or unreadable summary: whatever the epochs say
@@ -251,13 +251,13 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
     if present(files.MISCLASSIFIED):
         try:
             misclassified = read_misclassified(job_dir / files.MISCLASSIFIED)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             unreadable(files.MISCLASSIFIED, error)
     correct = None
     if present(files.TEST_CORRECT):
         try:
             correct = read_test_correct(job_dir / files.TEST_CORRECT)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             unreadable(files.TEST_CORRECT, error)
     if bad:
         status = f"{STATUS_UNREADABLE}: {', '.join(bad)}"

@@ -1,5 +1,6 @@
 """Where a job runs: its device, the cores and threads of this process, glibc's allocator setting, and which job a
-log line belongs to while jobs share a process. No training here."""
+log line belongs to while jobs share a process. No training here. torch is imported where it is used: app.py
+reads the cores before a refusal, which must not cost torch's import."""
 from __future__ import annotations
 
 import contextlib
@@ -9,14 +10,17 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt() parameters, from glibc's malloc.h
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> "torch.device":
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -45,6 +49,8 @@ def keep_freed_memory() -> None:
 
 
 def set_up_process(threads: int) -> None:
+    import torch
+
     torch.set_num_threads(threads or cores_given())
     keep_freed_memory()
 
@@ -55,6 +61,8 @@ def on_stream(stream: Optional["torch.cuda.Stream"]) -> Iterator[None]:
     if stream is None:
         yield
     else:
+        import torch
+
         with torch.cuda.stream(stream):
             yield
 

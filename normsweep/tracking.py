@@ -42,7 +42,7 @@ def check_reachable(uri: str) -> None:
 
     try:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001 - any failure to reach or use the server
+    except Exception as e:  # any failure to reach or use the server
         problem = " ".join(str(e).split())[:200]
         raise ValueError(f"logger.tracking_uri={uri} is unreachable ({type(e).__name__}: {problem}); start the "
                          "server, fix the address, or leave it null for a local store") from None

@@ -216,7 +216,7 @@ def training(members: list[Member], dataset: Dataset, device: torch.device,
         with job_scope(member.job_dir):
             try:
                 trainees.append(_set_up(member, data, device))
-            except Exception as e:  # noqa: BLE001 - this member fails; the others of its group train on
+            except Exception as e:  # this member fails; the others of its group train on
                 _end_failed(Trainee(member, None, None, None, [], None, None), e)
     steps = steps_per_epoch(len(data.train_labels), first.batch_size)
     try:
@@ -230,7 +230,7 @@ def training(members: list[Member], dataset: Dataset, device: torch.device,
             while all(not t.ended for t in trainees):
                 yield from _epoch(step, trainees, data, steps)
             trainees = [t for t in trainees if not t.ended]
-    except Exception as e:  # noqa: BLE001 - the group's step failed (out of GPU memory, ...): each member says so
+    except Exception as e:  # the group's step failed (out of GPU memory, ...): each member says so
         for trainee in trainees:
             _end_failed(trainee, e)
 
@@ -263,7 +263,7 @@ def _epoch(step: Step, trainees: list[Trainee], data: DeviceData, steps: int) ->
     if sys.stderr.isatty():  # a bar for eyes only; the log lines below are the record
         what = trainees[0].job_dir.name if len(trainees) == 1 else f"{len(trainees)} jobs"
         epoch = len(trainees[0].history) + 1
-        progress = lambda it: tqdm(it, desc=f"{what}: epoch {epoch}", leave=False, file=sys.stderr)  # noqa: E731
+        progress = lambda it: tqdm(it, desc=f"{what}: epoch {epoch}", leave=False, file=sys.stderr)
     started = time.perf_counter()
     lane_metrics = yield from step.epoch(progress)
     train_seconds = time.perf_counter() - started
@@ -304,7 +304,7 @@ def _end_of_epoch(step: Step, lane: int, trainee: Trainee, metrics: dict, train_
             trainee.member.on_epoch(row)
         if epoch >= cfg.epochs:
             _complete(trainee, data)
-    except Exception as e:  # noqa: BLE001 - this job's files or tracker failed: it ends, the others train on
+    except Exception as e:  # this job's files or tracker failed: it ends, the others train on
         _end_failed(trainee, e)
 
 

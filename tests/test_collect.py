@@ -49,7 +49,7 @@ def make_job(sweep: Path, name: str, history: list[tuple], status: str | None = 
     if write_metrics:
         files.write_jsonl(job / files.METRICS, rows)
     if status is not None:
-        best = lambda key, pick: pick(r[key] for r in rows) if rows else None  # noqa: E731
+        best = lambda key, pick: pick(r[key] for r in rows) if rows else None
         files.write_json(job / files.SUMMARY, {
             "status": status, "error": None if status == "completed" else "boom",
             "best_train_acc": best("train_acc", max), "best_test_acc": best("test_acc", max),

@@ -278,7 +278,7 @@ def test_the_recorded_command_reruns_exactly_that_job_from_anywhere(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "already completed with the same config" in proc.stdout + proc.stderr
     assert jobs_in(sweep) == [job] and not list(elsewhere.iterdir())
-    results = lambda files_: {k: v for k, v in files_.items() if k.split("/")[0] not in (".hydra", "run.log", ".lock")}  # noqa: E731
+    results = lambda files_: {k: v for k, v in files_.items() if k.split("/")[0] not in (".hydra", "run.log", ".lock")}
     assert results(tree(job)) == results(before)  # Hydra's snapshot, the log and the lock's holder are rewritten
 
 

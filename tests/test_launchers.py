@@ -40,7 +40,7 @@ def test_slurm_launcher_defaults_and_overrides():
 
 def test_threads_per_job_follows_the_launcher():
     cores = cores_given()
-    launcher = lambda **keys: OmegaConf.create(keys)  # noqa: E731
+    launcher = lambda **keys: OmegaConf.create(keys)
     assert threads_per_job(0, launcher()) == 0  # basic launcher: torch's default, every core
     assert threads_per_job(0, launcher(cpus_per_task=1)) == 1  # submitit: what the job asked for
     assert threads_per_job(0, launcher(cpus_per_task=cores + 7)) == cores  # never more than it was given

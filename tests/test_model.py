@@ -79,3 +79,36 @@ def test_norm_dropout_equals_norm_then_dropout(norm):
     reference = layer.norm(x) * keep / 0.8
     assert torch.allclose(out, reference, atol=1e-5)
     assert torch.equal(layer.eval()(x), layer.norm(x))
+
+
+def test_a_norm_added_through_the_tables_trains(monkeypatch):
+    """InstanceNorm by the recipe in docs/code.md: an entry in norms.NORMS (it needs pixels: the block after the
+    global pool goes without it) and a layer in model.NORM_LAYERS. The fold of dropout into the affine does not know
+    the layer, so the fallback applies it and then the rescale; one lane and two fused lanes train a step."""
+    from torch import nn
+
+    from normsweep import model as model_module
+    from normsweep import norms
+    from normsweep.config import Config, DataConfig
+    from normsweep.data import load_data
+    from normsweep.step import Lane, Step, make_optimizer, momentum_buffers
+    from normsweep.train import DeviceData, drain
+
+    monkeypatch.setattr(norms, "NORMS", {**norms.NORMS, "in": norms.Norm("InstanceNorm", needs_pixels=True)})
+    monkeypatch.setattr(model_module, "NORMS", norms.NORMS)
+    monkeypatch.setitem(model_module.NORM_LAYERS, "in",
+                        lambda channels, groups, lanes: nn.InstanceNorm2d(lanes * channels, affine=True))
+    cfg = Config(norm=NormConfig(name="in"), batch_size=16, epochs=1, data=DataConfig(name="fake"))
+    data = DeviceData.from_dataset(load_data("fake", ".", train_limit=32, test_limit=16), torch.device("cpu"))
+    for lanes in (1, 2):
+        torch.manual_seed(0)
+        net = Net(cfg.norm, 0.1, lanes=lanes)
+        assert not any(isinstance(m, nn.InstanceNorm2d) for m in net.features[8].modules())  # after the pool
+        before = [p.detach().clone() for p in net.parameters()]
+        optimizer = make_optimizer(net.parameters(), cfg)
+        lane_list = [Lane(cfg, torch.Generator().manual_seed(k), 0, momentum_buffers(optimizer) if lanes == 1 else
+                          [torch.zeros(p.shape[0] // lanes, *p.shape[1:]) for p in net.parameters()])
+                     for k in range(lanes)]
+        metrics = drain(Step(net, lane_list, data, 2, capture=False).epoch())
+        assert len(metrics) == lanes and all(m["train_loss"] == m["train_loss"] for m in metrics)  # finite
+        assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))

@@ -49,7 +49,7 @@ def run_single(run_dir: Path, *overrides: str, cwd: Path, train_limit: int = 256
 def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """results.md -> its header and one {column: cell} per row."""
     lines = path.read_text().split("\n\n")[0].splitlines()  # the first table
-    split = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]  # noqa: E731
+    split = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]
     header = split(lines[0])
     return header, [dict(zip(header, split(line))) for line in lines[2:]]
 
