@@ -17,11 +17,11 @@ from typing import Callable
 import torch
 import yaml
 
-from normsweep import files, tracking
+from normsweep import files, loggers, tracking
 from normsweep.config import Config, validate
 from normsweep.data import Dataset, check_root, load_data, split
 from normsweep.runtime import job_scope, resolve_device
-from normsweep.train import Member, drain, hparams_of, training
+from normsweep.train import Member, drain, training
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class JobRun:
         self.data, self.sweep_dir = data, sweep_dir
         self.status: str | None = None  # set when the job has ended
         self.started = time.time()
-        self.tracker = None
+        self.logger = None
 
     def run(self) -> str:
         """Train to the end, alone; -> the status."""
@@ -202,12 +202,12 @@ class JobRun:
         self.started = time.time()
         with job_scope(self.job_dir):
             try:
-                self.tracker = self._open_tracker()
+                self.logger = self._open_logger()
             except Exception as e:  # recorded as the job's failure, as any failure in training
                 log.exception("%s failed", self.job_dir.name)
                 self.end(files.STATUS_FAILED, f"{type(e).__name__}: {e}", {})
                 return None
-        return Member(self.cfg, self.job_dir, self.end, self.tracker.log_epoch if self.tracker else None)
+        return Member(self.cfg, self.job_dir, self.end, self.logger)
 
     def release(self) -> None:
         """Give up the lock (an interrupt: no summary, the job resumes next time). Done already when it ended."""
@@ -244,16 +244,16 @@ class JobRun:
             **CODE_VERSION,
         }
         files.write_json(self.job_dir / files.SUMMARY, summary)
-        if self.tracker is not None:
+        if self.logger is not None:
             try:
-                self.tracker.finish(status, history)
-            except Exception as e:  # the job's own files are complete; say what MLflow lacks
-                log.error("%s: its MLflow run was not finished (%s: %s)", self.job_dir.name, type(e).__name__, e)
+                self.logger.finish(status, history)
+            except Exception as e:  # the job's own files are complete; say what its logger lacks
+                log.error("%s: its %s run was not finished (%s: %s)", self.job_dir.name, self.cfg.logger.name,
+                          type(e).__name__, e)
 
-    def _open_tracker(self) -> "tracking.JobTracker | None":
-        if self.cfg.logger.name != "mlflow":
-            return None
-        return tracking.JobTracker(self.cfg.logger.tracking_uri, self.job_dir, self.sweep_dir, self.job_dir.name,
-                                   hparams_of(self.cfg),
-                                   {"normsweep.git_commit": str(CODE_VERSION["git_commit"]),
-                                    "normsweep.command": self.command[:5000]})
+    def _open_logger(self):
+        """logger=...'s logger for this job (loggers.py), with the settings its config.yaml holds; None for none."""
+        resolved = yaml.safe_load((self.job_dir / files.CONFIG).read_text())
+        return loggers.open_logger(str(self.cfg.logger.name), self.job_dir, resolved, self.cfg.logger.tracking_uri,
+                                   self.sweep_dir, {"normsweep.git_commit": str(CODE_VERSION["git_commit"]),
+                                                    "normsweep.command": self.command[:5000]})

@@ -122,7 +122,7 @@ class Member:
     cfg: Config
     job_dir: Path
     end: Callable[[str, Optional[str], dict], None]  # (status, error, facts for its summary): called once
-    on_epoch: Optional[Callable[[dict], None]] = None  # each epoch's metrics row, for a tracker
+    logger: object = None  # loggers.py: open(history) at the start, log_epoch(row) after each epoch's checkpoint
 
 
 def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> dict:
@@ -148,7 +148,6 @@ class Trainee:
     history: list[dict]
     generator: torch.Generator  # every random draw of its training: shuffle, augmentation, dropout
     cpu_state: torch.Tensor  # the CPU generator as its set-up left it (its checkpoint's "cpu" for a CUDA job)
-    board: object = None  # TensorBoard writer, when logger=tensorboard
     pred: Optional[torch.Tensor] = None  # the last epoch's test predictions, for the misclassified grid
     ended: bool = field(default=False)
 
@@ -175,8 +174,6 @@ class Trainee:
         if self.ended:
             return
         self.ended = True
-        if self.board is not None:
-            self.board.close()
         self.member.end(status, error, facts or {"threads": torch.get_num_threads(), "params": count_params(self.model)})
 
 
@@ -195,8 +192,9 @@ def _set_up(member: Member, data: DeviceData, device: torch.device) -> Trainee:
         log.info("resuming from the checkpoint after epoch %d of %d", len(history), cfg.epochs)
     generator = torch.Generator(device)
     generator.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
-    board = open_tensorboard(cfg, job_dir, first_epoch=len(history) + 1)  # None unless logger=tensorboard
-    return Trainee(member, model, optimizer, scheduler, history, generator, torch.get_rng_state(), board)
+    if member.logger is not None:
+        member.logger.open(history)
+    return Trainee(member, model, optimizer, scheduler, history, generator, torch.get_rng_state())
 
 
 def training(members: list[Member], dataset: Dataset, device: torch.device,
@@ -299,9 +297,9 @@ def _end_of_epoch(step: Step, lane: int, trainee: Trainee, metrics: dict, train_
              row["test_acc"], row["lr"], row["train_seconds"], row["test_seconds"])
     try:
         trainee.history.append(row)
-        record_epoch(trainee, row)
-        if trainee.member.on_epoch is not None:
-            trainee.member.on_epoch(row)
+        record_epoch(trainee)
+        if trainee.member.logger is not None:
+            trainee.member.logger.log_epoch(row)
         if epoch >= cfg.epochs:
             _complete(trainee, data)
     except Exception as e:  # this job's files or tracker failed: it ends, the others train on
@@ -310,8 +308,6 @@ def _end_of_epoch(step: Step, lane: int, trainee: Trainee, metrics: dict, train_
 
 def _complete(trainee: Trainee, data: DeviceData) -> None:
     with job_scope(trainee.job_dir):
-        if trainee.board is not None:
-            record_hparams(trainee.board, trainee.cfg, trainee.history)
         if trainee.pred is None:  # resumed after its last epoch, killed before the summary
             _, _, trainee.pred = evaluate(trainee.model, data.test_inputs, data.test_labels)
         write_misclassified(trainee.job_dir, data, trainee.pred.cpu())
@@ -339,14 +335,9 @@ def _end_failed(trainee: Trainee, error: Exception) -> None:
             trainee.end(status, message)
 
 
-def record_epoch(trainee: Trainee, row: dict) -> None:
-    """The epoch on disk: its metrics line, TensorBoard scalars, then the checkpoint that makes it resumable."""
+def record_epoch(trainee: Trainee) -> None:
+    """The epoch on disk: its metrics line, then the checkpoint that makes it resumable."""
     files.write_jsonl(trainee.job_dir / files.METRICS, trainee.history)
-    if trainee.board is not None:
-        for key, value in row.items():
-            if key not in files.ROW_FACTS:
-                trainee.board.add_scalar(key, value, row["epoch"])
-        trainee.board.flush()  # on disk with the epoch's metrics line, not minutes later
     save_checkpoint(trainee.job_dir / files.CHECKPOINT, trainee.model, trainee.optimizer, trainee.scheduler,
                     trainee.history, trainee.rng())
 
@@ -375,51 +366,6 @@ def resume(checkpoint: Path, model: Net, optimizer, scheduler) -> list[dict]:
         raise CheckpointError(f"{checkpoint}: not a checkpoint of this job ({type(e).__name__}: {problem}); "
                               f"{fix}") from None
     return history
-
-
-def tensorboard_dir(cfg: Config, job_dir: Path) -> Path:
-    return job_dir / files.TENSORBOARD_DIR / f"{files.run_label(cfg.norm.name, cfg.reg.name)}, seed {cfg.seed}"
-
-
-def open_tensorboard(cfg: Config, job_dir: Path, first_epoch: int):
-    """A SummaryWriter into <job>/tensorboard/<run label>/ when logger=tensorboard, else None. `tensorboard --logdir
-    <sweep dir>` names each run by its path: "bn-l1-bs64-s1/tensorboard/BatchNorm with L1, seed 1"."""
-    if cfg.logger.name != "tensorboard":
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    log_dir = tensorboard_dir(cfg, job_dir)
-    # A resumed job runs again from first_epoch: purge_step makes TensorBoard drop what an interrupted writer
-    # logged from there on (epochs whose checkpoint was never saved), so every epoch shows once.
-    return SummaryWriter(str(log_dir), purge_step=first_epoch if first_epoch > 1 else None)
-
-
-HPARAM_METRICS = ("best_test_acc", "best_test_loss", "final_test_acc")  # what the HParams view shows per run
-
-
-def hparams_of(cfg: Config) -> dict[str, object]:
-    """The settings a sweep varies, as TensorBoard's HParams view shows them (plain str, int, float or bool)."""
-    return {"norm": str(cfg.norm.name), "norm.groups": cfg.norm.groups, "reg": str(cfg.reg.name),
-            "reg.l1": float(cfg.reg.l1), "reg.l2": float(cfg.reg.l2), "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "epochs": cfg.epochs, "optim.max_lr": float(cfg.optim.max_lr), "optim.momentum": float(cfg.optim.momentum),
-            "optim.cycle_momentum": cfg.optim.cycle_momentum, "dropout": float(cfg.dropout),
-            "data": str(cfg.data.name), "data.augment": cfg.data.augment, "precision": str(cfg.precision)}
-
-
-def record_hparams(board, cfg: Config, history: list[dict]) -> None:
-    """The job's settings and final metrics for TensorBoard's HParams dashboard, written by the job's own writer
-    (torch's add_hparams would open a timestamped subfolder: a second run per job), so that `tensorboard --logdir
-    <sweep>` shows the sweep as one table and as parallel coordinates. A resumed job writes them again: the last
-    ones count."""
-    from torch.utils.tensorboard.summary import hparams
-
-    summary = files.summarize(history)
-    metrics = {f"hparams/{name}": summary[name] for name in HPARAM_METRICS if summary[name] is not None}
-    for event in hparams(hparams_of(cfg), metrics):
-        board.file_writer.add_summary(event)
-    for tag, value in metrics.items():
-        board.add_scalar(tag, value, len(history))
-    board.flush()
 
 
 def write_misclassified(job_dir: Path, data: DeviceData, pred: torch.Tensor) -> None:

@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from normsweep import files, tracking
 from normsweep.config import Config, DataConfig, LoggerConfig, NormConfig, RegConfig, validate
 from normsweep.job import prepare_job, run_job
-from normsweep.train import hparams_of
+from normsweep.loggers import settings_of
 
 # the optional extra (make test installs it); found, not imported: its slow import would run in every collection
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="needs mlflow")
@@ -56,7 +57,8 @@ def test_a_sweep_is_a_parent_run_with_a_child_run_per_job(tmp_path):
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.info.status == "FINISHED" and child.data.tags[tracking.STATUS_TAG] == "completed"
         assert "normsweep.git_commit" in child.data.tags
-        assert child.data.params == {key: str(value) for key, value in hparams_of(cfg).items()}
+        resolved = yaml.safe_load((sweep / name / files.CONFIG).read_text())
+        assert child.data.params == {key: str(value) for key, value in settings_of(resolved).items()}
         rows = files.read_jsonl(sweep / name / files.METRICS)
         for key in ("train_loss", "test_acc", "lr"):
             history = client.get_metric_history(child.info.run_id, key)
