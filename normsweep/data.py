@@ -39,15 +39,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, eq=False)  # eq=False: field-wise == on tensors is ambiguous
 class Dataset:
-    train_images: torch.Tensor  # uint8 [N, 28, 28]
+    """A dataset describes its images: what the model (input channels, classes), the device data (normalization),
+    the augmentation and the misclassified grids read, so that none of them assumes MNIST's 28x28x1."""
+
+    train_images: torch.Tensor  # uint8 [N, H, W] (one channel) or [N, C, H, W]
     train_labels: torch.Tensor  # int64 [N]
-    test_images: torch.Tensor  # uint8 [M, 28, 28]
+    test_images: torch.Tensor  # uint8, as train_images
     test_labels: torch.Tensor  # int64 [M]
-    mean: float  # normalization constants for images scaled to [0, 1]
-    std: float
+    mean: float | tuple[float, ...]  # normalization constants for images scaled to [0, 1]: one, or one per channel
+    std: float | tuple[float, ...]
     class_names: tuple[str, ...]
-    val_images: torch.Tensor | None = None  # uint8 [V, 28, 28]: held out from the training images (split())
+    val_images: torch.Tensor | None = None  # uint8, as train_images: held out from the training images (split())
     val_labels: torch.Tensor | None = None  # int64 [V]
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.train_images.dim() == 3 else self.train_images.shape[1]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.train_images.shape[-2:])
 
 
 @dataclass(frozen=True)

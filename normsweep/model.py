@@ -109,10 +109,12 @@ class NormDropout(nn.Module):
 
 
 class Net(nn.Module):
-    """lanes models in one: input [B, lanes, 28, 28] (each lane its own images), output [B, lanes, 10]; with one lane
-    (the default) [B, 1, 28, 28] -> [B, 10]. dropout: one rate, or one per lane."""
+    """lanes models in one: input [B, lanes * channels, H, W] (each lane its own images), output [B, lanes, classes];
+    with one lane (the default) [B, channels, H, W] -> [B, classes]. dropout: one rate, or one per lane. channels and
+    classes come from the dataset (data.Dataset describes its images)."""
 
-    def __init__(self, norm: NormConfig, dropout: float | list[float] = 0.03, lanes: int = 1):
+    def __init__(self, norm: NormConfig, dropout: float | list[float] = 0.03, lanes: int = 1, channels: int = 1,
+                 classes: int = 10):
         super().__init__()
         self.lanes = lanes
         dropouts = [dropout] * lanes if isinstance(dropout, (int, float)) else list(dropout)
@@ -129,7 +131,7 @@ class Net(nn.Module):
 
         n, w = NARROW, WIDE
         self.features = nn.Sequential(
-            block(1, n, 3),  # [B, 8, 26, 26]
+            block(channels, n, 3),  # [B, 8, 26, 26] (on 28x28 images; any size from 16 on works)
             block(n, w, 3),  # [B, 16, 24, 24]
             nn.MaxPool2d(2),  # [B, 16, 12, 12]
             conv(w, n, 1),  # transition, no block: [B, 8, 12, 12]
@@ -139,7 +141,7 @@ class Net(nn.Module):
             nn.AdaptiveAvgPool2d(1),  # global average pool: [B, 16, 1, 1]
             # a norm of each sample's own pixels has nothing to normalize on a 1x1 map: that block has none
             block(w, w, 1) if not NORMS[str(norm.name)].needs_pixels else nn.Sequential(conv(w, w, 1), nn.ReLU()),
-            conv(w, 10, 1),  # [B, 10, 1, 1]
+            conv(w, classes, 1),  # [B, classes, 1, 1]
         )
 
     def forward(self, x: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
@@ -174,12 +176,12 @@ def memory_format(norm: NormConfig, device: torch.device, threads: int) -> torch
 
 
 def build_model(norm: NormConfig, dropout: float | list[float], device: torch.device, threads: int,
-                lanes: int = 1) -> Net:
+                lanes: int = 1, channels: int = 1, classes: int = 10) -> Net:
     """Net on device, laid out for speed. Channels-last (NHWC) conv weights make every activation channels-last:
     with a one-channel input, the weights' layout decides the first convolution's output layout. Where it was
     faster in CPU timings (README, Speed): group and layer norm always, batch norm only with one thread (its
     channels-last backward scales badly). On GPU the default layout."""
-    return Net(norm, dropout, lanes).to(device, memory_format=memory_format(norm, device, threads))
+    return Net(norm, dropout, lanes, channels, classes).to(device, memory_format=memory_format(norm, device, threads))
 
 
 def count_params(model: nn.Module) -> int:

@@ -129,7 +129,7 @@ def plot_misclassified(job: Job, path: Path) -> None:
     grid = job.misclassified
     fig = Figure(figsize=(10, 5.2), layout="constrained")
     for ax, (actual, predicted, image) in zip(fig.subplots(2, -(-files.MISCLASSIFIED_SHOWN // 2)).ravel(), grid.panels):
-        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
         # two lines: one line overlaps the next panel's title for long class names ("Ankle boot")
         ax.set_title(f"actual {actual}\npredicted {predicted}", fontsize=9)
     for ax in fig.axes:

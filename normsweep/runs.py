@@ -33,7 +33,7 @@ EPOCH_NUMBERS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "l
 class Misclassified:
     """misclassified.json, checked: what the job's grid shows."""
     label: str | None  # the grid's title; None: the row label
-    panels: list[tuple[str, str, np.ndarray]]  # (actual class, predicted class, image (H, W) uint8), the first few
+    panels: list[tuple[str, str, np.ndarray]]  # (actual class, predicted class, image (H, W[, 3]) uint8), the first few
 
 
 @dataclass
@@ -189,8 +189,9 @@ def read_misclassified(path: Path) -> Misclassified:
             if not (_is_count(item.get(key)) and item[key] < len(class_names)):
                 raise ValueError(f"item {number}: {key} is not a class index below {len(class_names)}")
         image = np.asarray(item.get("image"))  # ragged lists: ValueError
-        if image.ndim != 2 or image.size == 0 or image.dtype.kind not in "iu" or image.min() < 0 or image.max() > 255:
-            raise ValueError(f"item {number}: image is not a 2-D array of whole numbers 0-255")
+        shaped = image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)  # gray [H, W], or colour [H, W, 3]
+        if not shaped or image.size == 0 or image.dtype.kind not in "iu" or image.min() < 0 or image.max() > 255:
+            raise ValueError(f"item {number}: image is not an [H, W] or [H, W, 3] array of whole numbers 0-255")
         if len(panels) < files.MISCLASSIFIED_SHOWN:
             panels.append((class_names[item["actual"]], class_names[item["predicted"]], image.astype(np.uint8)))
     return Misclassified(data.get("label"), panels)

@@ -43,34 +43,46 @@ class CheckpointError(RuntimeError):
 @dataclass
 class DeviceData:
     """The dataset on the training device: uint8 training images (augmented and normalized per batch),
-    normalized float test images (fixed, so prepared once)."""
+    normalized float test and validation images (fixed, so prepared once). Shapes as the dataset describes them."""
 
-    train_images: torch.Tensor  # uint8 [N, 28, 28]
+    train_images: torch.Tensor  # uint8 [N, C, H, W]
     train_labels: torch.Tensor  # int64 [N]
-    test_inputs: torch.Tensor  # float [M, 1, 28, 28], normalized
+    test_inputs: torch.Tensor  # float [M, C, H, W], normalized
     test_labels: torch.Tensor  # int64 [M]
-    mean: float
-    std: float
+    mean: torch.Tensor  # [1, C, 1, 1]: per channel, or one value for every channel
+    std: torch.Tensor
     class_names: tuple[str, ...]
-    val_inputs: Optional[torch.Tensor] = None  # float [V, 1, 28, 28], normalized: the held-out training images
+    val_inputs: Optional[torch.Tensor] = None  # float [V, C, H, W], normalized: the held-out training images
     val_labels: Optional[torch.Tensor] = None
 
     @classmethod
     def from_dataset(cls, data: Dataset, device: torch.device) -> "DeviceData":
+        mean = torch.tensor(data.mean, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+        std = torch.tensor(data.std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+
         def inputs(images: torch.Tensor) -> torch.Tensor:
-            return (images.to(device).unsqueeze(1).float() / 255 - data.mean) / data.std
+            return (nchw(images.to(device)).float() / 255 - mean) / std
 
         val = data.val_labels is not None and len(data.val_labels) > 0
-        return cls(data.train_images.to(device), data.train_labels.to(device), inputs(data.test_images),
-                   data.test_labels.to(device), data.mean, data.std, data.class_names,
+        return cls(nchw(data.train_images.to(device)), data.train_labels.to(device), inputs(data.test_images),
+                   data.test_labels.to(device), mean, std, data.class_names,
                    inputs(data.val_images) if val else None, data.val_labels.to(device) if val else None)
+
+    @property
+    def channels(self) -> int:
+        return self.train_images.shape[1]
 
     def train_batch(self, idx: torch.Tensor, use_augment: bool,
                     generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.train_images.index_select(0, idx).unsqueeze(1).float().div_(255)  # [B, 1, 28, 28] in [0, 1]
+        x = self.train_images.index_select(0, idx).float().div_(255)  # [B, C, H, W] in [0, 1]
         if use_augment:
             x = augment(x, generator)
         return (x - self.mean) / self.std, self.train_labels.index_select(0, idx)
+
+
+def nchw(images: torch.Tensor) -> torch.Tensor:
+    """[N, H, W] (one channel, as MNIST's files hold them) -> [N, 1, H, W], a view; [N, C, H, W] as it is."""
+    return images.unsqueeze(1) if images.dim() == 3 else images
 
 
 def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -181,7 +193,8 @@ def _set_up(member: Member, data: DeviceData, device: torch.device) -> Trainee:
     """The member's model as its seed draws it, resumed from its checkpoint when it has one. Raises CheckpointError."""
     cfg, job_dir = member.cfg, member.job_dir
     torch.manual_seed(cfg.seed)  # the weights' draws, then every draw of training from the same stream
-    model = build_model(cfg.norm, cfg.dropout, device, torch.get_num_threads())
+    model = build_model(cfg.norm, cfg.dropout, device, torch.get_num_threads(), channels=data.channels,
+                        classes=len(data.class_names))
     log.info("model: %s norm, %d parameters; device %s, %d threads; %d train / %d test images", cfg.norm.name,
              count_params(model), device, torch.get_num_threads(), len(data.train_labels), len(data.test_labels))
     optimizer = make_optimizer(model.parameters(), cfg)
@@ -240,7 +253,7 @@ def _fuse(trainees: list[Trainee], data: DeviceData, device: torch.device, steps
     else:
         cfg = trainees[0].cfg
         model = build_model(cfg.norm, [t.cfg.dropout for t in trainees], device, torch.get_num_threads(),
-                            lanes=len(trainees))
+                            lanes=len(trainees), channels=data.channels, classes=len(data.class_names))
         model.load_state_dict(stack_states([t.model.state_dict() for t in trainees]))
     lanes = [Lane(t.cfg, t.generator, len(t.history) * steps, momentum_buffers(t.optimizer)) for t in trainees]
     step = Step(model, lanes, data, steps, capture)
@@ -372,8 +385,11 @@ def write_misclassified(job_dir: Path, data: DeviceData, pred: torch.Tensor) -> 
     """What the collector needs to draw the misclassified grid, so that it never imports torch."""
     labels = data.test_labels.cpu()
     wrong = (pred != labels).nonzero().flatten()[:files.MISCLASSIFIED_SHOWN].tolist()
-    images = ((data.test_inputs[wrong].cpu() * data.std + data.mean) * 255).round().clamp(0, 255).to(torch.uint8)
-    items = [{"index": i, "actual": int(labels[i]), "predicted": int(pred[i]), "image": images[k, 0].tolist()}
+    pixels = data.test_inputs[wrong].cpu() * data.std.cpu() + data.mean.cpu()
+    images = (pixels * 255).round().clamp(0, 255).to(torch.uint8)  # [k, C, H, W]
+    # one channel: [H, W] (gray); several: [H, W, C], as an image viewer takes them
+    images = images[:, 0] if images.shape[1] == 1 else images.permute(0, 2, 3, 1)
+    items = [{"index": i, "actual": int(labels[i]), "predicted": int(pred[i]), "image": images[k].tolist()}
              for k, i in enumerate(wrong)]
     files.write_json(job_dir / files.MISCLASSIFIED, {"class_names": list(data.class_names), "items": items})
 

@@ -80,3 +80,30 @@ def test_bf16_option_trains(tmp_path):
     history = short_run(tmp_path, precision="bf16")
     assert all(math.isfinite(row["train_loss"]) for row in history)
     assert history[-1]["test_acc"] > 40
+
+
+def test_a_three_channel_32px_dataset_trains_alone_and_fused(tmp_path):
+    """A dataset of its own shape (3 channels, 32x32, 5 classes, per-channel mean/std), as a loader would return it:
+    the model, the device data, the augmentation and the misclassified grid follow what it describes."""
+    from normsweep import files, runs
+    from normsweep.data import Dataset
+    from normsweep.train import Member, drain, training
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (160,), generator=g)
+    images = (torch.rand(160, 3, 32, 32, generator=g) * 60 + labels.view(-1, 1, 1, 1) * 35).to(torch.uint8)
+    data = Dataset(images[:128], labels[:128], images[128:], labels[128:], mean=(0.4, 0.45, 0.5),
+                   std=(0.2, 0.21, 0.22), class_names=tuple("abcde"))
+    assert (data.channels, data.size) == (3, (32, 32))
+    ended = {}
+    members = []
+    for seed in (1, 2):
+        job_dir = tmp_path / f"s{seed}"
+        job_dir.mkdir()
+        cfg = Config(epochs=1, batch_size=32, seed=seed, threads=1, data=DataConfig(name="fake"))
+        members.append(Member(cfg, job_dir, lambda *end, seed=seed: ended.setdefault(seed, end)))
+    drain(training(members, data, torch.device("cpu")))  # two lanes of one shape: fused
+    for seed in (1, 2):
+        assert ended[seed][0] == files.STATUS_COMPLETED, ended[seed]
+        grid = runs.read_misclassified(tmp_path / f"s{seed}" / files.MISCLASSIFIED)
+        assert all(image.shape == (32, 32, 3) for _, _, image in grid.panels)
