@@ -172,13 +172,21 @@ def check_hydras_paths(hydra_cfg: DictConfig, job_dir: Path, sweep_dir: Path) ->
             raise ValueError(f"{folder} is a symlink: normsweep writes only into folders that are what they say; "
                              "point hydra.run.dir / hydra.sweep.dir at the real folder")
     snapshot = job_dir / str(hydra_cfg.output_subdir) if hydra_cfg.output_subdir is not None else None
+    if snapshot is not None and os.path.abspath(snapshot) == str(job_dir):
+        raise ValueError(f"hydra.output_subdir={hydra_cfg.output_subdir} puts Hydra's config.yaml where the job keeps "
+                         "its own: leave it at .hydra (or null for no snapshot)")
+    if snapshot is not None and not _normsweeps_snapshot(snapshot / "config.yaml"):
+        raise ValueError(f"{snapshot} holds another app's Hydra snapshot, which a run here would overwrite: move it "
+                         "away, or pick another hydra.run.dir / hydra.sweep.dir")
     for folder in filter(None, (snapshot, job_dir / files.TENSORBOARD_DIR, sweep_dir / "mlartifacts")):
         if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
             raise ValueError(f"{folder} is not a folder of normsweep's (a symlink or a file): move it away and rerun")
     for lock in (files.COLLECT_LOCK, files.MLFLOW_LOCK):
         files.check_lock_file(sweep_dir / lock)
-    for name in files.SWEEP_FILES:  # the end-of-sweep collection writes them: a user's results.md there stays
-        files.check_collectors_file(sweep_dir / name)
+    for name in (files.RESULTS_MD, files.RESULTS_CSV):  # the end-of-sweep collection writes them: a user's stay
+        files.check_collectors_file(sweep_dir / name)  # (a plot that is not the collector's is left undrawn)
+    for name in files.SWEEP_FILES:
+        files.check_own_file(sweep_dir / name)
     own = [job_dir / f"{hydra_cfg.job.name}.log", sweep_dir / "mlflow.db"]
     if snapshot is not None:
         own += [snapshot / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
@@ -186,6 +194,21 @@ def check_hydras_paths(hydra_cfg: DictConfig, job_dir: Path, sweep_dir: Path) ->
         own.append(sweep_dir / MULTIRUN_YAML)
     for path in own:
         files.check_own_file(path)
+
+
+def _normsweeps_snapshot(path: Path) -> bool:
+    """True when there is no snapshot there, or it is a normsweep job's (an earlier run of this folder, killed or
+    not): a config with the keys every job has. Anything else (another Hydra app's, a user's file) is not ours."""
+    if not path.is_file() or path.is_symlink():
+        return not os.path.lexists(path) or path.is_file()  # a link or a FIFO: check_own_file's to refuse
+    try:
+        import yaml
+
+        with open(path, "rb") as f:
+            content = yaml.safe_load(f.read(1 << 20))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(content, dict) and all(key in content for key in ("norm", "reg", "batch_size", "seed"))
 
 
 # Folders that did not exist when check() saw them (so Hydra made them for this process), noted before Hydra makes

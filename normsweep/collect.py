@@ -309,6 +309,10 @@ def rebuild_from_csv(csv_path: Path, baseline: str | None = None, select: str = 
                      margin: float = DEFAULT_MARGIN) -> str:
     """results.md (and results.csv, with confidence intervals added) beside a results.csv, from its means, stds and
     seed counts alone: for tables whose job folders are gone. -> the markdown."""
+    beside = csv_path.parent / files.RESULTS_CSV
+    if csv_path.name != files.RESULTS_CSV and beside.exists():  # never replace a folder's table with another's
+        raise stats.SelectionError(f"it would replace {beside} with a table rebuilt from {csv_path.name}: put "
+                                   f"{csv_path.name} in a folder of its own as {files.RESULTS_CSV}")
     rows = pd.read_csv(csv_path, dtype={"label": str, "status": str})  # a label "1" stays text
     keys = list(rows.columns[1:rows.columns.get_loc("seeds")])  # the row keys, then the extra keys, as written
     rows = _checked_csv(rows)

@@ -108,7 +108,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     """Write to a temp file in the same folder, then rename: a reader (or a kill -9) never sees half a file."""
     path = Path(path)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, mode) as f:
             f.write(data)
@@ -135,11 +135,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
+# write_atomic's temp files end so: mkstemp's 8 random characters, then this mark, which no user's file has by chance
+TEMP_SUFFIX = ".normsweep-tmp"
+
+
 def remove_stale_temp_files(folder: Path, names: tuple[str, ...]) -> None:
-    """Temp files that write_atomic made for the files `names` and a kill left behind (.<name>.<random>.tmp, regular
-    files only); any other file, a user's .notes.tmp included, stays. Call only while no one else writes there."""
-    pattern = re.compile(rf"\.({'|'.join(map(re.escape, names))})\.[A-Za-z0-9_]+\.tmp")
-    for tmp in Path(folder).glob(".*.tmp"):
+    """Temp files that write_atomic made for the files `names` and a kill left behind (.<name>.<8 random
+    characters>.normsweep-tmp, regular files only); any other file, a user's .metrics.jsonl.backup.tmp included,
+    stays. Call only while no one else writes there."""
+    pattern = re.compile(rf"\.({'|'.join(map(re.escape, names))})\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
         if pattern.fullmatch(tmp.name) and tmp.is_file() and not tmp.is_symlink():
             tmp.unlink(missing_ok=True)
 
@@ -154,6 +159,9 @@ def check_own_file(path: Path) -> None:
         raise NotRegularFileError(f"{path} is a folder where normsweep writes a file: move it away and rerun")
     if path.exists() and not path.is_file():
         raise NotRegularFileError(f"{path} is not a regular file where normsweep writes one: remove it and rerun")
+    if path.is_file() and path.stat().st_nlink > 1:  # Hydra writes in place: through a hard link, into its twin
+        raise NotRegularFileError(f"{path} is a hard link (another name of a file elsewhere) where normsweep writes "
+                                  "a file: remove it and rerun")
 
 
 # How each file the collector writes begins (a PNG carries the collector's name in its Software field): a file of
@@ -175,25 +183,12 @@ def check_collectors_file(path: Path) -> None:
     finally:
         os.close(fd)
     mark = COLLECTOR_MARKS.get(path.name)
-    if mark is not None:
-        ours = head.startswith(mark)
-    else:  # plots before the mark came in: matplotlib's, beside a table of the collector's
-        ours = COLLECTOR_PNG_MARK in head or (b"Matplotlib" in head and _begins(path.parent / RESULTS_MD,
-                                                                              COLLECTOR_MARKS[RESULTS_MD]))
+    # a PNG without the mark is someone's, a matplotlib one too (the collector's older plots had none: they are left
+    # alone, not drawn over)
+    ours = head.startswith(mark) if mark is not None else COLLECTOR_PNG_MARK in head
     if not ours:
         raise NotRegularFileError(f"{path} is not a file the collector wrote, and it writes one of that name there: "
                                   "move it away and rerun")
-
-
-def _begins(path: Path, mark: bytes) -> bool:
-    try:
-        fd = open_regular(path, os.O_RDONLY)
-    except (OSError, NotRegularFileError):
-        return False
-    try:
-        return os.pread(fd, len(mark), 0) == mark
-    finally:
-        os.close(fd)
 
 
 def remove_created(folder: Path, names: list[str], since: float) -> None:

@@ -459,13 +459,26 @@ def test_a_users_own_file_of_a_collector_name_is_never_replaced(tmp_path, capsys
     assert code == (0 if name.endswith(".png") else 3)
 
 
-def test_the_collectors_own_files_are_rewritten_older_plots_included(tmp_path):
-    """Its own tables and plots, the marked PNGs and a matplotlib PNG of an older version beside its table, are its
-    to replace on the next collection."""
+def test_the_collectors_own_files_are_rewritten_a_plain_matplotlib_png_is_not(tmp_path, capsys):
+    """Its own marked tables and plots are its to replace; a matplotlib PNG without the mark (a user's plot, or one
+    of an older collector) beside its table stays, and the plot is not drawn."""
     sweep = tmp_path / "sweep"
     two_row_sweep(sweep)
     assert main([str(sweep)]) == 0
     assert files.COLLECTOR_PNG_MARK in (sweep / files.CURVES_PNG).read_bytes()[:4096]
-    (sweep / files.CURVES_PNG).write_bytes(b"\x89PNG\r\n\x1a\n...Software Matplotlib version3.9...")  # an older one
+    mine = b"\x89PNG\r\n\x1a\n...Software Matplotlib version3.9..."
+    (sweep / files.CURVES_PNG).write_bytes(mine)
     assert main([str(sweep)]) == 0
-    assert files.COLLECTOR_PNG_MARK in (sweep / files.CURVES_PNG).read_bytes()[:4096]
+    assert (sweep / files.CURVES_PNG).read_bytes() == mine
+    assert any("not a file the collector wrote" in line for line in errors(capsys))
+
+
+def test_from_csv_never_replaces_the_folders_own_table(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    two_row_sweep(sweep)
+    assert main([str(sweep), "--no-plots"]) == 0
+    before = {name: (sweep / name).read_bytes() for name in (files.RESULTS_CSV, files.RESULTS_MD)}
+    (sweep / "mine.csv").write_text("".join((sweep / files.RESULTS_CSV).read_text().splitlines(True)[:2]))
+    assert main(["--from-csv", str(sweep / "mine.csv")]) == 2
+    assert "it would replace" in " ".join(errors(capsys))
+    assert {name: (sweep / name).read_bytes() for name in before} == before

@@ -57,13 +57,13 @@ def test_rerun_cleans_what_a_kill_left_and_matches_an_uninterrupted_run(tmp_path
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9 mid-sweep: after some checkpoint, before the end
     proc.wait()
     job = jobs_in(sweep)[0]
-    (job / ".metrics.jsonl.x1y2.tmp").write_text("half a line")  # as a kill inside write_atomic leaves them
-    (sweep / ".results.md.x1y2.tmp").write_text("half a table")
+    (job / f".metrics.jsonl.x1y2z3w4{files.TEMP_SUFFIX}").write_text("half a line")  # as a kill inside write_atomic leaves them
+    (sweep / f".results.md.x1y2z3w4{files.TEMP_SUFFIX}").write_text("half a table")
     (sweep / "multirun.yaml").write_text("")
     (job / ".hydra" / "hydra.yaml").write_text("")
 
     assert run(*grid, cwd=tmp_path).returncode == 0
-    assert not list(sweep.rglob("*.tmp"))
+    assert not list(sweep.rglob("*" + files.TEMP_SUFFIX))
     assert (sweep / "multirun.yaml").stat().st_size > 0 and (job / ".hydra" / "hydra.yaml").stat().st_size > 0
     whole = tmp_path / "whole"
     assert run(*grid[:-1], f"hydra.sweep.dir={whole}", cwd=tmp_path).returncode == 0
@@ -394,3 +394,42 @@ def test_a_users_results_md_in_the_sweep_folder_stops_the_sweep_before_it_trains
     assert "not a file the collector wrote" in proc.stderr
     assert sorted(p.name for p in sweep.iterdir()) == [files.RESULTS_MD]
     assert (sweep / files.RESULTS_MD).read_text() == "# my notes on this study\n"
+
+
+def test_hydra_output_subdir_dot_is_refused_before_it_overwrites_the_jobs_config(tmp_path):
+    """hydra.output_subdir=. would put Hydra's unresolved config.yaml over the job's resolved one."""
+    job = tmp_path / "job"
+    assert run("epochs=1", "data.train_limit=64", f"hydra.run.dir={job}", cwd=tmp_path, multirun=False).returncode == 0
+    before = tree(job)
+    proc = run("epochs=1", "data.train_limit=64", f"hydra.run.dir={job}", "hydra.output_subdir=.", cwd=tmp_path,
+               multirun=False)
+    assert proc.returncode == 2 and len(error_lines(proc)) == 1 and "hydra.output_subdir" in proc.stderr
+    assert tree(job) == before
+
+
+def test_a_users_look_alike_temp_files_hard_links_and_foreign_snapshots_stay(tmp_path):
+    """Files only named like normsweep's temp files stay through a run and a skipped rerun; a hard link where Hydra
+    writes its snapshot, and another app's .hydra snapshot, are refused before anything is written."""
+    job = tmp_path / "job"
+    job.mkdir()
+    for name in (".metrics.jsonl.backup.tmp", ".summary.json.v1.tmp", ".checkpoint.pt.abcdefgh.tmp"):
+        (job / name).write_text("mine")
+    for _ in range(2):
+        assert run("epochs=1", "data.train_limit=64", f"hydra.run.dir={job}", cwd=tmp_path,
+                   multirun=False).returncode == 0
+    assert all((job / name).read_text() == "mine" for name in (".metrics.jsonl.backup.tmp", ".summary.json.v1.tmp",
+                                                              ".checkpoint.pt.abcdefgh.tmp"))
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the victim's\n")
+    linked = tmp_path / "linked"
+    (linked / ".hydra").mkdir(parents=True)
+    os.link(outside, linked / ".hydra" / "overrides.yaml")
+    foreign = tmp_path / "foreign"
+    (foreign / ".hydra").mkdir(parents=True)
+    (foreign / ".hydra" / "config.yaml").write_text("lr: 0.1\nmodel: resnet\n")
+    for folder in (linked, foreign):
+        before = tree(tmp_path)
+        proc = run("epochs=1", "data.train_limit=64", f"hydra.run.dir={folder}", cwd=tmp_path, multirun=False)
+        assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
+        assert tree(tmp_path) == before
+    assert outside.read_text() == "the victim's\n"
