@@ -135,6 +135,8 @@ def register_configs() -> None:
                                     replace=True)
     # job folder suffix: "-c3f2a1" when the name does not say the whole config (see config_tag), "" otherwise
     OmegaConf.register_new_resolver("config_tag", config_tag, replace=True)
+    # a job's folder name, for its log lines (hydra.job_logging)
+    OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name, replace=True)
     # the linear scaling rule (Goyal et al. 2017): a learning rate tuned at batch 64, scaled to batch_size
     OmegaConf.register_new_resolver("lr_for_batch", lambda lr, batch_size: lr * batch_size / 64, replace=True)
     # hydra/sweeper=search: maximize or minimize as the objective implies

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 
 from normsweep import progress
 from normsweep.job import JobRun
-from normsweep.runtime import OneJobsLines, job_scope, on_stream
+from normsweep.runtime import JobNamingFormatter, OneJobsLines, job_scope, on_stream
 from normsweep.train import training
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class Sweep:
         log.info(f"Launching {len(jobs)} jobs in this process, {'fused by shape' if plugin.fuse else 'unfused'}, "
                  f"up to {plugin.max_parallel} groups at a time, {how}")
         self.sweep_handlers = list(logging.getLogger().handlers)
+        for handler in self.sweep_handlers:  # the console: each job's lines name it
+            handler.setFormatter(JobNamingFormatter(handler.formatter or logging.Formatter()))
         # prepared a window at a time: every prepared job holds its lock (a file) until it ends
         window = plugin.max_parallel * (plugin.max_fused if plugin.fuse else 1)
         for start in range(0, len(jobs), window):

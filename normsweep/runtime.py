@@ -90,3 +90,17 @@ class OneJobsLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return CURRENT_JOB.get() == self.job_dir
+
+
+class JobNamingFormatter(logging.Formatter):
+    """A console line of a process that trains several jobs (hydra/launcher=gpu) names the job it belongs to, as
+    every job's own log lines do: `[bn-l1-bs64-s1] model: ...`."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.inner.format(record)
+        job = CURRENT_JOB.get()
+        return line if job is None or job.name in record.getMessage() else f"{line} [{job.name}]"

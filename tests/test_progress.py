@@ -29,3 +29,15 @@ def test_a_sweep_says_job_k_of_n_with_the_time_left(tmp_path, launcher):
 
 def test_durations_read_as_a_clock():
     assert [duration(s) for s in (0.4, 45, 192, 3720)] == ["0s", "45s", "3m12s", "1h02m"]
+
+
+@pytest.mark.slow  # a sweep in a subprocess
+def test_every_line_of_a_jobs_log_names_the_job(tmp_path):
+    """Under joblib two jobs share one console: each line, Hydra's format included, carries the job's folder."""
+    sweep = tmp_path / "sweep"
+    proc = run("norm=bn,gn", "epochs=1", "data.train_limit=64", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+               f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for job in (p for p in sweep.iterdir() if p.is_dir()):
+        lines = [line for line in (job / "run.log").read_text().splitlines() if line.startswith("[")]
+        assert lines and all(f"][{job.name}][" in line for line in lines)
