@@ -111,3 +111,54 @@ def test_job_past_its_time_limit_is_requeued_and_resumes(slurm_env, tmp_path):
     assert summary["wall_seconds_this_invocation"] < summary["seconds"]
     assert resumed and all(0 < n < epochs for n in resumed), "never resumed: the job was not requeued"
     assert not files.is_locked(job)  # the signalled runs' flock went with their processes; the last released its own
+
+
+PACKED = ("hydra/launcher=slurm_packed", "hydra.launcher.jobs_per_task=3", "hydra.launcher.cpus_per_task=1",
+          "hydra.launcher.mem_gb=1")
+
+
+def test_a_packed_sweep_of_6_jobs_runs_as_2_tasks_and_a_rerun_skips_them(slurm_env, tmp_path):
+    """hydra/launcher=slurm_packed: 6 jobs in 2 array tasks of 3, each task training its jobs in one process (the
+    gpu launcher's loop: jobs of one norm fused); every job completes in its own folder, the table is written, and
+    the same command again skips every job."""
+    sweep = tmp_path / "sweep"
+    grid = ("norm=bn,gn,ln", "reg=l1,l2", "epochs=1", "data.train_limit=256", *PACKED, f"hydra.sweep.dir={sweep}")
+    proc = subprocess.run(run_py(*grid), cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    assert "Packing 6 jobs into 2 SLURM array tasks of up to 3 jobs each" in proc.stdout + proc.stderr
+    jobs = jobs_in(sweep)
+    assert len(jobs) == 6
+    for job in jobs:
+        assert read_json(job / files.SUMMARY)["status"] == files.STATUS_COMPLETED
+    assert len(list(sweep.glob(".submitit/*/*_0_log.out"))) == 2  # two array tasks, not six
+    assert (sweep / files.RESULTS_MD).exists()
+    before = {job: (job / files.SUMMARY).stat().st_mtime_ns for job in jobs}
+    proc = subprocess.run(run_py(*grid), cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    assert {job: (job / files.SUMMARY).stat().st_mtime_ns for job in jobs} == before
+
+
+def test_a_packed_launcher_refuses_a_chunk_below_one(tmp_path):
+    proc = subprocess.run(run_py("norm=bn", *PACKED[:1], "hydra.launcher.jobs_per_task=0",
+                                 f"hydra.sweep.dir={tmp_path / 'sweep'}"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "hydra.launcher.jobs_per_task=0 must be at least 1" in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_packed_task_past_its_time_limit_is_requeued_and_resumes_its_jobs(slurm_env, tmp_path):
+    """Two jobs in one task, trained for longer than the task's limit: submitit requeues the task, which resumes both
+    jobs from their checkpoints until they complete."""
+    job_overrides = ("norm=bn", "reg=none", "data.train_limit=2000")
+    # two jobs take turns in the task: each gets half its time
+    epochs = max(10, math.ceil(REQUEUE_TRAINING_S / 2 / seconds_per_epoch(tmp_path, *job_overrides)))
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(run_py(*job_overrides, "seed=1,2", f"epochs={epochs}", *PACKED, *REQUEUE_LIMITS,
+                                 f"hydra.sweep.dir={sweep}"), cwd=tmp_path, env=slurm_env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    for job in jobs_in(sweep):
+        summary = read_json(job / files.SUMMARY)
+        assert summary["status"] == files.STATUS_COMPLETED and summary["epochs_done"] == epochs
+        assert "resuming from the checkpoint after epoch" in (job / "run.log").read_text()
