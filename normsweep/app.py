@@ -94,7 +94,7 @@ def job_command(hydra_cfg: DictConfig) -> str:
         mode, dir_key, folder = [], "hydra.run.dir", hydra_cfg.runtime.output_dir
     hydra_overrides = [o for o in hydra_cfg.overrides.hydra
                        if not o.startswith(("hydra.mode=", f"{dir_key}=", "hydra/sweeper=", "hydra.sweeper.",
-                                            progress.SWEEP_FACTS_OVERRIDE))]
+                                            progress.SWEEP_FACTS_OVERRIDE, progress.TRIAL_OVERRIDE))]
     folder_override = f"{dir_key}={cli.hydra_quote(str(Path(hydra.utils.to_absolute_path(str(folder)))))}"
     return shlex.join([str(RUN_PY), *config_source_args(hydra_cfg), *mode, *hydra_overrides, folder_override,
                        *hydra_cfg.overrides.task])

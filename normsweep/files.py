@@ -39,6 +39,7 @@ COLLECT_LOCK = ".collect.lock"  # held by the collector writing the table into a
 MLFLOW_LOCK = ".mlflow.lock"  # held while a job creates the sweep's MLflow store, experiment and parent run
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
+STATUS_PRUNED = "pruned"  # stopped by a search's pruner (hydra/sweeper=search), on its validation accuracy
 STATUS_DIVERGED = "diverged"
 STATUS_RUNNING = "running"  # another process holds the job's lock
 
@@ -72,7 +73,7 @@ def read_jsonl(path: Path) -> list[dict]:
 ROW_FACTS = ("epoch", "threads")  # keys of a metrics.jsonl row that are facts about the epoch, not curves to log
 
 JOB_METRICS = ("best_train_acc", "best_test_acc", "best_test_loss", "final_test_acc", "test_acc_at_best_val",
-               "final_test_loss")  # summarize()'s keys
+               "final_test_loss", "best_val_acc")  # summarize()'s keys
 
 
 def summarize(history: list[dict]) -> dict[str, float | None]:
@@ -90,7 +91,8 @@ def summarize(history: list[dict]) -> dict[str, float | None]:
     return {"best_train_acc": max(train_acc, default=None), "best_test_acc": max(test_acc, default=None),
             "best_test_loss": min(test_loss, default=None), "final_test_acc": test_acc[-1] if test_acc else None,
             "test_acc_at_best_val": picked["test_acc"] if picked else None,
-            "final_test_loss": test_loss[-1] if test_loss else None}
+            "final_test_loss": test_loss[-1] if test_loss else None,
+            "best_val_acc": picked["val_acc"] if picked else None}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import shlex
 import subprocess
@@ -17,7 +18,7 @@ from typing import Callable
 import torch
 import yaml
 
-from normsweep import files, loggers, tracking
+from normsweep import files, loggers, progress, tracking
 from normsweep.config import Config, validate
 from normsweep.data import Dataset, check_root, load_data, split
 from normsweep.runtime import job_scope, resolve_device
@@ -186,6 +187,8 @@ class JobRun:
         self.status: str | None = None  # set when the job has ended
         self.started = time.time()
         self.logger = None
+        # a search's trial (hydra/sweeper=search), read now: Hydra sets a job's environment while it is prepared
+        self.trial = os.environ.get(progress.TRIAL_ENV)
 
     def run(self) -> str:
         """Train to the end, alone; -> the status."""
@@ -207,7 +210,12 @@ class JobRun:
                 log.exception("%s failed", self.job_dir.name)
                 self.end(files.STATUS_FAILED, f"{type(e).__name__}: {e}", {})
                 return None
-        return Member(self.cfg, self.job_dir, self.end, self.logger)
+        prune = None
+        if self.trial:
+            from normsweep import trial
+
+            prune = trial.reporter(json.loads(self.trial))
+        return Member(self.cfg, self.job_dir, self.end, self.logger, prune)
 
     def release(self) -> None:
         """Give up the lock (an interrupt: no summary, the job resumes next time). Done already when it ended."""

@@ -21,6 +21,9 @@ SKIPPED = {files.STATUS_COMPLETED: "skipped, completed already", files.STATUS_RU
 # launcher's jobs): {"jobs": N, "epochs": total, "epochs_before": done before this run, "started": time}.
 SWEEP_FACTS = "NORMSWEEP_SWEEP"
 SWEEP_FACTS_OVERRIDE = f"++hydra.job.env_set.{SWEEP_FACTS}"  # how the sweeper adds them; never in a job's command
+# hydra/sweeper=search hands each trial's job its trial the same way (study.py): its rerun command leaves it out
+TRIAL_ENV = "NORMSWEEP_TRIAL"
+TRIAL_OVERRIDE = f"++hydra.job.env_set.{TRIAL_ENV}"
 
 
 def epochs_in(job_dirs: list[Path]) -> int:

@@ -135,6 +135,7 @@ class Member:
     job_dir: Path
     end: Callable[[str, Optional[str], dict], None]  # (status, error, facts for its summary): called once
     logger: object = None  # loggers.py: open(history) at the start, log_epoch(row) after each epoch's checkpoint
+    prune: Optional[Callable[[dict], bool]] = None  # a search's trial: told each epoch's row; True stops the job
 
 
 def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> dict:
@@ -313,6 +314,10 @@ def _end_of_epoch(step: Step, lane: int, trainee: Trainee, metrics: dict, train_
         record_epoch(trainee)
         if trainee.member.logger is not None:
             trainee.member.logger.log_epoch(row)
+        if trainee.member.prune is not None and epoch < cfg.epochs and trainee.member.prune(row):
+            log.info("%s: pruned by the search after epoch %d", trainee.job_dir.name, epoch)
+            trainee.end(files.STATUS_PRUNED, f"pruned by the search after epoch {epoch}")
+            return
         if epoch >= cfg.epochs:
             _complete(trainee, data)
     except Exception as e:  # this job's files or tracker failed: it ends, the others train on
