@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
-from omegaconf import DictConfig, open_dict
+from omegaconf import open_dict
 
 from normsweep import progress
 from normsweep.job import JobRun

@@ -16,7 +16,7 @@ from normsweep import files
 from conftest import REPO
 from normsweep.config import Config, DataConfig, NormConfig, RegConfig
 from normsweep.data import load_data
-from normsweep.model import build_model, lane_state, stack_states
+from normsweep.model import build_model, stack_states
 from normsweep.step import Lane, Step, make_optimizer, momentum_buffers
 from normsweep.train import DeviceData, Member, drain, fit, steps_per_epoch, training
 

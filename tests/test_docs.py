@@ -2,7 +2,6 @@
 table is what the collector makes from the committed results.csv."""
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
