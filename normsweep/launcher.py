@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -67,7 +67,7 @@ class Group:
     jobs: list[tuple[JobReturn, JobRun]]
     steps: object = None  # train.training's generator, once started
     stream: Optional[torch.cuda.Stream] = None
-    started: float = field(default_factory=time.time)
+    started: float = 0.0  # when it started training (set by Sweep._start): its jobs' "completed in" counts from it
 
 
 class Sweep:
@@ -146,6 +146,7 @@ class Sweep:
 
     def _start(self, group: Group) -> Group:
         device = group.jobs[0][1].device
+        group.started = time.time()  # not when it was formed: a group may wait for a free slot
         group.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         members = []
         for ret, job in group.jobs:

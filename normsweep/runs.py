@@ -207,8 +207,16 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
         warn(problems, f"{job_dir / name}: unreadable ({type(error).__name__}: {error})")
         bad.append(name)
 
-    def present(name: str) -> bool:  # a dangling symlink too: it is damage to report, not an absent file
-        return os.path.lexists(job_dir / name)
+    def optional(name: str, reader):
+        """reader(path) of a job file, or None when it is absent or (marked unreadable) damaged. A dangling symlink
+        counts as present: it is damage to report, not an absent file."""
+        if not os.path.lexists(job_dir / name):
+            return None
+        try:
+            return reader(job_dir / name)
+        except Exception as error:
+            unreadable(name, error)
+            return None
 
     try:
         config = _read_config(job_dir / files.CONFIG)
@@ -219,21 +227,11 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
         except Exception:
             warn(problems, f"{job_dir}: no readable config; job left out of the table")
             return None
-    records: list[dict] = []
-    if present(files.METRICS):
-        try:
-            records = _read_metrics(job_dir / files.METRICS)
-        except Exception as error:
-            unreadable(files.METRICS, error)
+    records: list[dict] = optional(files.METRICS, _read_metrics) or []
     metrics = pd.DataFrame(records)
     if "epoch" not in metrics:
         metrics["epoch"] = range(1, len(metrics) + 1)
-    summary = None
-    if present(files.SUMMARY):
-        try:
-            summary = _read_summary(job_dir / files.SUMMARY)
-        except Exception as error:
-            unreadable(files.SUMMARY, error)
+    summary = optional(files.SUMMARY, _read_summary)
     threads = None
     if summary is None:  # killed, still running, or unreadable summary: whatever the epochs say
         values = {k: np.nan if v is None else float(v) for k, v in files.summarize(records).items()}
@@ -248,18 +246,8 @@ def read_job(job_dir: Path, problems: list[str]) -> Job | None:
                   for k, v in summarized.items()}
     if threads is None:  # a summary older than threads_per_epoch, or none: the epochs' own counts
         threads = [r["threads"] for r in records if r.get("threads") is not None]
-    misclassified = None
-    if present(files.MISCLASSIFIED):
-        try:
-            misclassified = read_misclassified(job_dir / files.MISCLASSIFIED)
-        except Exception as error:
-            unreadable(files.MISCLASSIFIED, error)
-    correct = None
-    if present(files.TEST_CORRECT):
-        try:
-            correct = read_test_correct(job_dir / files.TEST_CORRECT)
-        except Exception as error:
-            unreadable(files.TEST_CORRECT, error)
+    misclassified = optional(files.MISCLASSIFIED, read_misclassified)
+    correct = optional(files.TEST_CORRECT, read_test_correct)
     if bad:
         status = f"{STATUS_UNREADABLE}: {', '.join(bad)}"
     return Job(job_dir, config, status, epochs_done, values, metrics, misclassified, sorted(set(threads)), correct)

@@ -229,7 +229,7 @@ def training(members: list[Member], dataset: Dataset, device: torch.device,
             try:
                 trainees.append(_set_up(member, data, device))
             except Exception as e:  # this member fails; the others of its group train on
-                _end_failed(Trainee(member, None, None, None, [], None, None), e)
+                member.end(*_failure(member.job_dir, e), {})
     steps = steps_per_epoch(len(data.train_labels), first.batch_size)
     try:
         while trainees:
@@ -334,23 +334,22 @@ def _complete(trainee: Trainee, data: DeviceData) -> None:
 
 
 def _end_failed(trainee: Trainee, error: Exception) -> None:
-    """Ends the trainee's job as diverged or failed, with the line that says why (a traceback when unforeseen)."""
-    name = trainee.member.job_dir.name
-    with job_scope(trainee.member.job_dir):
+    """Ends the trainee's job as diverged or failed (_failure)."""
+    trainee.end(*_failure(trainee.job_dir, error))
+
+
+def _failure(job_dir: Path, error: Exception) -> tuple[str, str]:
+    """-> (diverged or failed, the message for its summary), logged into the job's own log with the line that says
+    why (a traceback when unforeseen)."""
+    with job_scope(job_dir):
         if isinstance(error, Diverged):
-            status, message = files.STATUS_DIVERGED, str(error)
-            log.error("%s diverged: %s", name, error)
-        elif isinstance(error, CheckpointError):  # its message is the whole story: no traceback
-            status, message = files.STATUS_FAILED, str(error)
-            log.error("%s failed: %s", name, error)
-        else:
-            status, message = files.STATUS_FAILED, f"{type(error).__name__}: {error}"
-            log.error("%s failed", name, exc_info=error)
-        if trainee.model is None:  # failed in its set-up
-            trainee.ended = True
-            trainee.member.end(status, message, {})
-        else:
-            trainee.end(status, message)
+            log.error("%s diverged: %s", job_dir.name, error)
+            return files.STATUS_DIVERGED, str(error)
+        if isinstance(error, CheckpointError):  # its message is the whole story: no traceback
+            log.error("%s failed: %s", job_dir.name, error)
+            return files.STATUS_FAILED, str(error)
+        log.error("%s failed", job_dir.name, exc_info=error)
+        return files.STATUS_FAILED, f"{type(error).__name__}: {error}"
 
 
 def record_epoch(trainee: Trainee) -> None:
