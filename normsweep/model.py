@@ -38,9 +38,12 @@ def keep_mask(like: torch.Tensor, p: float, generator: torch.Generator | None = 
     n = like.numel()
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-(2**63), 2**63 - 1,
                                                                                      generator=generator)
-    # the uniforms in like's memory order, so that the compare and the multiply walk memory in one order
-    uniform16 = words.view(torch.int16)[:n].as_strided(like.shape, like.stride())
-    return torch.ge(uniform16, round(p * 65536) - 32768, out=torch.empty_like(like))
+    # compared as flat vectors, then viewed in like's memory order (the k-th uniform decides the element at memory
+    # position k): the same compare on 4-d channels-last views was ~10x slower on CPU (1.25 against 0.09 ms for a
+    # [64, 16, 24, 24] mask, one thread), ~6 % of a step
+    keep = torch.ge(words.view(torch.int16)[:n], round(p * 65536) - 32768,
+                    out=torch.empty(n, dtype=like.dtype, device=like.device))
+    return keep.as_strided(like.shape, like.stride())
 
 
 class Draws:
