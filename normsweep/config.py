@@ -56,6 +56,9 @@ def objective_direction(objective: str) -> str:
 class NormConfig:
     name: NormName = NormName.bn  # bn: BatchNorm2d, gn: GroupNorm, ln: GroupNorm(1, C) = layer norm over C,H,W
     groups: int = 4  # gn only: groups per norm layer; must divide every normalized layer's channels (8 and 16)
+    # the block after the global average pool normalizes its 1x1 map too (conv -> ReLU -> norm -> dropout), as the
+    # reference net does; false: conv -> ReLU there, as for a norm that needs pixels (docs/results/post_pool)
+    after_pool: bool = True
 
 
 @dataclass

@@ -143,7 +143,8 @@ class Net(nn.Module):
             block(w, w, 3),  # [B, 16, 6, 6]
             nn.AdaptiveAvgPool2d(1),  # global average pool: [B, 16, 1, 1]
             # a norm of each sample's own pixels has nothing to normalize on a 1x1 map: that block has none
-            block(w, w, 1) if not NORMS[str(norm.name)].needs_pixels else nn.Sequential(conv(w, w, 1), nn.ReLU()),
+            block(w, w, 1) if norm.after_pool and not NORMS[str(norm.name)].needs_pixels else
+            nn.Sequential(conv(w, w, 1), nn.ReLU()),
             conv(w, classes, 1),  # [B, classes, 1, 1]
         )
 
