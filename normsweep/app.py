@@ -295,10 +295,11 @@ def objective_of(job_dir: Path, objective: str) -> float | str:
     return files.STATUS_COMPLETED if value is None else float(value)
 
 
-def check_sweep(config_loader: ConfigLoader, config: DictConfig, jobs: list[list[str]]) -> dict:
+def check_sweep(config_loader: ConfigLoader, config: DictConfig, jobs: list[list[str]]) -> tuple[dict, list[Path]]:
     """Every job of a sweep checked (check) before the first one trains or any folder is made: a bad combination,
     or two jobs of other configs that would share a folder, stops the sweep with one line naming it.
-    -> the facts its progress lines need (jobs, their epochs, the epochs their folders hold already, the start)."""
+    -> (the facts its progress lines need: jobs, their epochs, the epochs their folders hold already, the start;
+    the jobs' folders)."""
     from normsweep.job import same_job
 
     folders: dict[Path, tuple[list[str], dict]] = {}
@@ -311,5 +312,6 @@ def check_sweep(config_loader: ConfigLoader, config: DictConfig, jobs: list[list
                                  "config: add the setting that tells them apart to hydra.sweep.subdir")
         except (ValueError, DataError) as e:
             refuse(ValueError(f"the job {' '.join(overrides) or '(no overrides)'}: {e}"))
-    return {"jobs": len(jobs), "epochs": sum(resolved["epochs"] for _, resolved in folders.values()),
-            "epochs_before": progress.epochs_in(list(folders)), "started": time.time()}
+    facts = {"jobs": len(jobs), "epochs": sum(resolved["epochs"] for _, resolved in folders.values()),
+             "epochs_before": progress.epochs_in(list(folders)), "started": time.time()}
+    return facts, list(folders)

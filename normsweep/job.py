@@ -189,6 +189,7 @@ class JobRun:
         self.logger = None
         # a search's trial (hydra/sweeper=search), read now: Hydra sets a job's environment while it is prepared
         self.trial = os.environ.get(progress.TRIAL_ENV)
+        self.in_sweep = progress.SWEEP_FACTS in os.environ  # its sweeper draws the bar: none per epoch here
 
     def run(self) -> str:
         """Train to the end, alone; -> the status."""
@@ -215,7 +216,7 @@ class JobRun:
             from normsweep import trial
 
             prune = trial.reporter(json.loads(self.trial))
-        return Member(self.cfg, self.job_dir, self.end, self.logger, prune)
+        return Member(self.cfg, self.job_dir, self.end, self.logger, prune, epoch_bar=not self.in_sweep)
 
     def release(self) -> None:
         """Give up the lock (an interrupt: no summary, the job resumes next time). Done already when it ended."""

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -59,3 +65,46 @@ def report(hydra_cfg: DictConfig, job_dir: Path, what: str) -> None:
         left = elapsed * (facts["epochs"] - done) / (done - facts["epochs_before"])
         sweep += f", about {duration(left)} left"
     log.info("job %d/%d %s: %s; %s", hydra_cfg.job.num + 1, facts["jobs"], job_dir.name, what, sweep)
+
+
+BAR_SECONDS = 1.0  # how often the sweep's bar looks at its job folders
+
+
+@contextmanager
+def sweep_bar(job_dirs: list[Path], facts: dict) -> Iterator[None]:
+    """On a terminal, one bar for the whole sweep while its jobs train, whatever the launcher (they may train in other
+    processes: joblib, submitit): epochs finished in its job folders of all its epochs, with the time left from this
+    run's rate, redrawn by a thread of the sweeper's process. For eyes only (stderr); the job k/N lines are the record.
+
+    tqdm formats the bar (format_meter), but the drawing is ours: tqdm leaves the cursor after the bar, so every log
+    line written to the same terminal by a job (stdout, maybe another process) would start after it; drawn then
+    returned to the line's start, a log line overwrites the bar, which is drawn again below it."""
+    if not sys.stderr.isatty() or not job_dirs or os.environ.get("TERM") == "dumb":
+        yield
+        return
+    from tqdm import tqdm
+
+    total, before, started, stop = facts["epochs"], min(facts["epochs_before"], facts["epochs"]), time.time(), threading.Event()
+
+    def draw() -> None:
+        done = min(epochs_in(job_dirs), total)
+        width = min(shutil.get_terminal_size().columns, 100) - 1
+        line = tqdm.format_meter(done, total, time.time() - started, ncols=width, initial=before, unit="epoch",
+                                 prefix=f"sweep of {facts['jobs']} jobs")
+        sys.stderr.write(f"\r{line[:width]}\x1b[K\r")
+        sys.stderr.flush()
+
+    def follow() -> None:
+        draw()
+        while not stop.wait(BAR_SECONDS):
+            draw()
+
+    thread = threading.Thread(target=follow, name="sweep-bar", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        sys.stderr.write("\x1b[K")  # the bar goes; the last job's line and the table say how it ended
+        sys.stderr.flush()

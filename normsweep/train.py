@@ -136,6 +136,7 @@ class Member:
     end: Callable[[str, Optional[str], dict], None]  # (status, error, facts for its summary): called once
     logger: object = None  # loggers.py: open(history) at the start, log_epoch(row) after each epoch's checkpoint
     prune: Optional[Callable[[dict], bool]] = None  # a search's trial: told each epoch's row; True stops the job
+    epoch_bar: bool = True  # a bar per epoch on a terminal; off in a sweep of ours, which draws one bar for all
 
 
 def fit(cfg: Config, job_dir: Path, dataset: Dataset, device: torch.device) -> dict:
@@ -272,7 +273,7 @@ def _epoch(step: Step, trainees: list[Trainee], data: DeviceData, steps: int) ->
     """One epoch of every lane, then each job's own epoch end: its weights back into its model, the test set, its
     metrics row, checkpoint and tracker; a lane whose loss is not finite ends its job as diverged."""
     progress = None
-    if sys.stderr.isatty():  # a bar for eyes only; the log lines below are the record
+    if sys.stderr.isatty() and all(t.member.epoch_bar for t in trainees):  # eyes only; the log lines are the record
         what = trainees[0].job_dir.name if len(trainees) == 1 else f"{len(trainees)} jobs"
         epoch = len(trainees[0].history) + 1
         progress = lambda it: tqdm(it, desc=f"{what}: epoch {epoch}", leave=False, file=sys.stderr)

@@ -41,3 +41,49 @@ def test_every_line_of_a_jobs_log_names_the_job(tmp_path):
     for job in (p for p in sweep.iterdir() if p.is_dir()):
         lines = [line for line in (job / "run.log").read_text().splitlines() if line.startswith("[")]
         assert lines and all(f"][{job.name}][" in line for line in lines)
+
+
+def _stderr_on_a_terminal(args: list[str], cwd) -> tuple[int, str]:
+    """Runs args with stderr on a pseudo-terminal (stdout a pipe); -> (exit code, what reached the terminal)."""
+    import os
+    import pty
+    import subprocess
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the process closed its end
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    return proc.wait(timeout=240), seen.decode(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_terminal_shows_one_bar_for_the_sweep_and_none_per_epoch(tmp_path, launcher):
+    from conftest import run_py
+
+    code, terminal = _stderr_on_a_terminal(
+        run_py("norm=bn,gn", "epochs=2", "data.train_limit=128", f"hydra/launcher={launcher}",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}"), tmp_path)
+    assert code == 0, terminal
+    assert re.search(r"sweep of 2 jobs: +\d+%\|.*\| *\d+/4 \[", terminal), terminal
+    assert ": epoch 1" not in terminal, terminal  # the per-epoch bar of a single run
+
+
+@pytest.mark.slow
+def test_a_single_run_keeps_its_bar_per_epoch(tmp_path):
+    from conftest import run_py
+
+    code, terminal = _stderr_on_a_terminal(
+        run_py("epochs=1", "data.train_limit=256", f"hydra.run.dir={tmp_path / 'run'}", multirun=False), tmp_path)
+    assert code == 0, terminal
+    assert re.search(r"run: epoch 1: +\d+%", terminal), terminal
+    assert "sweep of" not in terminal

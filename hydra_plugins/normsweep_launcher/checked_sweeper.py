@@ -19,11 +19,12 @@ class CheckedSweeper(basic_sweeper.BasicSweeper):
         params = [*self._parse_config(), *arguments]
         overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(params)
         jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
-        facts = app.check_sweep(self.hydra_context.config_loader, self.config, jobs)
+        facts, folders = app.check_sweep(self.hydra_context.config_loader, self.config, jobs)
         # Launchers compose each job's config anew from the sweep's Hydra overrides: one more reaches every job
         with open_dict(self.config):
             self.config.hydra.overrides.hydra.append(f"{progress.SWEEP_FACTS_OVERRIDE}={cli.hydra_quote(json.dumps(facts))}")
-        return super().sweep(arguments)
+        with progress.sweep_bar(folders, facts):  # on a terminal: one bar for the sweep, whatever the launcher
+            return super().sweep(arguments)
 
     def validate_batch_is_legal(self, batch: Any) -> None:
         pass  # app.check_sweep composed and checked every job already
