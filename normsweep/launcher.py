@@ -22,8 +22,15 @@ from normsweep.train import training
 log = logging.getLogger(__name__)
 
 
-def launch(plugin, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    """plugin: the GpuLauncher, with Hydra's config, context and task function, and its own settings."""
+# more(the return of a job that ended) -> overrides of the jobs to start in its place ([] for none): how a search
+# refills its slots as trials finish (study.py), where Hydra's launch() takes a fixed batch
+Refill = Callable[[JobReturn], list[list[str]]]
+
+
+def launch(plugin, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+           more: Optional[Refill] = None) -> list[JobReturn]:
+    """plugin: the GpuLauncher, with Hydra's config, context and task function, and its own settings. more: called
+    with each job's return as it ends, for jobs to start in its place (numbered on from the last job's)."""
     setup_globals()
     configure_log(plugin.config.hydra.hydra_logging, plugin.config.hydra.verbose)
     Path(str(plugin.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
@@ -34,8 +41,12 @@ def launch(plugin, job_overrides: Sequence[Sequence[str]], initial_job_idx: int)
         if prepare is None or finish is None:
             log.info(f"Launching {len(jobs)} jobs one after another: {getattr(task, '__name__', task)} is not "
                      "normsweep's task (no prepare and finish halves), so it runs as Hydra's basic launcher runs it")
-            return [_hydra_job(plugin, idx, overrides, task) for idx, overrides in jobs]
-        return Sweep(plugin, prepare, finish).run(jobs)
+            returns, numbers = [], Numbers(jobs, more)
+            while jobs:
+                returns.append(_hydra_job(plugin, *jobs.pop(0), task))
+                jobs += numbers.refill(returns[-1])
+            return returns
+        return Sweep(plugin, prepare, finish, Numbers(jobs, more)).run(jobs)
     finally:
         configure_log(plugin.config.hydra.hydra_logging, plugin.config.hydra.verbose)
 
@@ -49,6 +60,21 @@ def _hydra_job(plugin, idx: int, overrides: Sequence[str], task: Callable) -> Jo
         sweep_config.hydra.job.num = idx
     return run_job(hydra_context=plugin.hydra_context, task_function=task, config=sweep_config,
                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+
+
+class Numbers:
+    """The jobs a refill starts, numbered on from the sweep's last job."""
+
+    def __init__(self, jobs: list[tuple[int, Sequence[str]]], more: Optional[Refill]):
+        self.more, self.next = more, max((idx for idx, _ in jobs), default=-1) + 1
+
+    def refill(self, ended: JobReturn) -> list[tuple[int, Sequence[str]]]:
+        """(number, overrides) of the jobs to start in place of the one that ended; none without a refill."""
+        new = []
+        for overrides in self.more(ended) if self.more else []:
+            new.append((self.next, overrides))
+            self.next += 1
+        return new
 
 
 FUSE_KEYS = ("norm", "batch_size", "epochs", "data", "precision", "device", "threads", "cuda_graphs")
@@ -71,9 +97,10 @@ class Group:
 
 
 class Sweep:
-    def __init__(self, plugin, prepare: Callable, finish: Callable):
-        self.plugin, self.prepare, self.finish = plugin, prepare, finish
+    def __init__(self, plugin, prepare: Callable, finish: Callable, numbers: Numbers):
+        self.plugin, self.prepare, self.finish, self.numbers = plugin, prepare, finish, numbers
         self.returns: dict[int, JobReturn] = {}
+        self.waiting: list[Group] = []  # groups prepared, waiting for a free slot (max_parallel)
         self.sweep_handlers: list[logging.Handler] = []
         self.job_handlers: list[logging.Handler] = []
 
@@ -89,12 +116,24 @@ class Sweep:
         # prepared a window at a time: every prepared job holds its lock (a file) until it ends
         window = plugin.max_parallel * (plugin.max_fused if plugin.fuse else 1)
         for start in range(0, len(jobs), window):
-            self._train(self._group([self._prepared(idx, overrides) for idx, overrides in jobs[start:start + window]]))
+            self.waiting = self._group(self._prepare(jobs[start:start + window]))
+            self._train()
         return [self.returns[idx] for idx in sorted(self.returns)]
 
-    def _prepared(self, idx: int, overrides: Sequence[str]) -> Optional[tuple[JobReturn, JobRun]]:
-        """The job through Hydra's set-up and the task's prepare half: (its return, the JobRun) to train, or None when
-        it needs no training (its return is then final: skipped, or failed before training)."""
+    def _prepare(self, jobs: list[tuple[int, Sequence[str]]]) -> list[tuple[JobReturn, JobRun]]:
+        """The jobs to train, prepared; a job that needs none ends here, and a refill starts others in its place."""
+        pending, ready = list(jobs), []
+        while pending:
+            prepared = self._prepared(*pending.pop(0))
+            if isinstance(prepared, tuple):
+                ready.append(prepared)
+            else:
+                pending += self.numbers.refill(prepared)
+        return ready
+
+    def _prepared(self, idx: int, overrides: Sequence[str]) -> tuple[JobReturn, JobRun] | JobReturn:
+        """The job through Hydra's set-up and the task's prepare half: (its return, the JobRun) to train, or its final
+        return when it needs no training (skipped, or failed before training)."""
         root = logging.getLogger()
         root.handlers = list(self.sweep_handlers)
         ret = _hydra_job(self.plugin, idx, overrides, self.prepare)
@@ -113,22 +152,22 @@ class Sweep:
             progress.report(hydra_cfg, Path(hydra_cfg.runtime.output_dir), progress.SKIPPED[ret.return_value])
             ret.return_value = self.finish(ret.cfg, hydra_cfg, ret.return_value)
         self.returns[idx] = ret
-        return None
+        return ret
 
     def _group(self, prepared: list) -> list[Group]:
         groups: dict[tuple, list] = {}
-        for entry in filter(None, prepared):
+        for entry in prepared:
             key = fuse_key(entry[1]) if self.plugin.fuse else (id(entry),)
             groups.setdefault(key, []).append(entry)
         size = self.plugin.max_fused
         return [Group(members[i:i + size]) for members in groups.values() for i in range(0, len(members), size)]
 
-    def _train(self, waiting: list[Group]) -> None:
+    def _train(self) -> None:
         running: list[Group] = []
         try:
-            while waiting or running:
-                while waiting and len(running) < self.plugin.max_parallel:
-                    running.append(self._start(waiting.pop(0)))
+            while self.waiting or running:
+                while self.waiting and len(running) < self.plugin.max_parallel:
+                    running.append(self._start(self.waiting.pop(0)))
                 for group in list(running):
                     with on_stream(group.stream):
                         try:
@@ -140,7 +179,7 @@ class Sweep:
                                     job.end("failed", "training ended without telling this job's end", {})
                     self._collect_ended(group)
         finally:  # an interrupt: the jobs still training give up their locks and resume next time
-            for group in running + waiting:
+            for group in running + self.waiting:
                 for _, job in group.jobs:
                     job.release()
 
@@ -162,7 +201,10 @@ class Sweep:
         return group
 
     def _collect_ended(self, group: Group) -> None:
-        """Each job of the group that has ended since the last look: its progress line and Hydra's return value."""
+        """Each job of the group that has ended since the last look: its progress line and Hydra's return value; with
+        a refill, the jobs that start in place of those, grouped by shape among themselves (a running group's model
+        takes no new lane)."""
+        new = []
         for entry in list(group.jobs):
             ret, job = entry
             if job.status is None:
@@ -174,3 +216,6 @@ class Sweep:
                                 f"{job.status} in {progress.duration(time.time() - group.started)}")
             ret.return_value = self.finish(ret.cfg, hydra_cfg, job.status)
             self.returns[ret.hydra_cfg.hydra.job.num] = ret
+            new += self.numbers.refill(ret)
+        if new:
+            self.waiting += self._group(self._prepare(new))

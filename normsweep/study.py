@@ -101,24 +101,59 @@ def run(sweeper, arguments: list[str]) -> list:
     elif study.user_attrs["search"] != fingerprint:
         app.refuse(ValueError(f"{journal} holds a study of another search ({study.user_attrs['search']}), which is "
                               "never merged: pick another hydra.sweep.dir, or move the journal away"))
-    returns, number = [], 0
-    while True:
-        stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]  # left by a kill
-        fresh = max(0, settings["n_trials"] - len(study.trials))
-        batch = stale[:settings["n_jobs"]]
-        batch += [study.ask(space) for _ in range(min(fresh, settings["n_jobs"] - len(batch)))]
-        if not batch:
-            break
-        jobs = [[*arguments, *(f"{k}={cli.hydra_quote(repr(t.params[k]) if isinstance(t.params[k], str) else str(t.params[k]))}"
-                               for k in space), f"objective={objective}",
-                 f"{TRIAL_OVERRIDE}={cli.hydra_quote(json.dumps(_trial_spec(journal, t._trial_id, settings)))}"]
-                for t in batch]
-        facts = app.check_sweep(sweeper.hydra_context.config_loader, config, jobs)
+    launched: set[int] = set()  # trials this run has started
+
+    def next_trials(k: int) -> list:
+        """Up to k trials to run: first those a kill left running (rerun under their numbers), then new ones."""
+        stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING and t.number not in launched]
+        batch = stale[:k]
+        batch += [study.ask(space) for _ in range(min(max(0, settings["n_trials"] - len(study.trials)), k - len(batch)))]
+        launched.update(t.number for t in batch)
+        return batch
+
+    def job_of(trial) -> list[str]:
+        values = (repr(v) if isinstance(v, str) else str(v) for v in (trial.params[k] for k in space))
+        return [*arguments, *(f"{k}={cli.hydra_quote(v)}" for k, v in zip(space, values)), f"objective={objective}",
+                f"{TRIAL_OVERRIDE}={cli.hydra_quote(json.dumps(_trial_spec(journal, trial._trial_id, settings)))}"]
+
+    def checked(jobs: list[list[str]], planned: int) -> tuple[list[Path], dict]:
+        """The jobs checked before they train, their folders, and the facts of the progress lines for `planned` jobs
+        (a refilling launch runs every trial of this run, the first batch's facts standing for all)."""
+        facts, folders = app.check_sweep(sweeper.hydra_context.config_loader, config, jobs)
+        facts = {**facts, "jobs": planned, "epochs": facts["epochs"] * planned // len(jobs)}
         with open_dict(config):
             config.hydra.overrides.hydra = [o for o in config.hydra.overrides.hydra
                                             if not o.startswith(progress.SWEEP_FACTS_OVERRIDE)]
             config.hydra.overrides.hydra.append(f"{progress.SWEEP_FACTS_OVERRIDE}={cli.hydra_quote(json.dumps(facts))}")
-        results = sweeper.launcher.launch(jobs, initial_job_idx=number)
+        return folders, facts
+
+    refilling = getattr(sweeper.launcher, "launch_refilling", None)
+    returns, number = [], 0
+    while True:
+        planned = sum(t.state == optuna.trial.TrialState.RUNNING for t in study.trials) + max(
+            0, settings["n_trials"] - len(study.trials))
+        batch = next_trials(settings["n_jobs"])
+        if not batch:
+            break
+        jobs = [job_of(t) for t in batch]
+        folders, facts = checked(jobs, planned if refilling else len(jobs))
+        number_of = {t._trial_id: t.number for t in batch}
+
+        def more(ended) -> list[list[str]]:
+            """A trial ended: tell the study, and start the next in its slot (hydra/launcher=gpu refills)."""
+            spec = json.loads(ended.hydra_cfg.hydra.job.env_set[progress.TRIAL_ENV])
+            _tell(study, number_of.pop(spec["trial_id"]), ended)
+            trials = next_trials(1)
+            for trial in trials:  # checked as every batch is; the sweep's facts stay the first launch's
+                number_of[trial._trial_id] = trial.number
+                folders.extend(app.check_sweep(sweeper.hydra_context.config_loader, config, [job_of(trial)])[1])
+            return [job_of(t) for t in trials]
+
+        with progress.sweep_bar(folders, facts):
+            if refilling:  # every trial of this run in one launch, each slot refilled as its trial ends
+                returns.append(refilling(jobs, number, more))
+                break
+            results = sweeper.launcher.launch(jobs, initial_job_idx=number)
         number += len(jobs)
         for trial, ret in zip(batch, results):
             _tell(study, trial.number, ret)

@@ -137,3 +137,18 @@ def test_a_trials_recorded_command_reruns_that_trial_not_the_search(tmp_path):
     assert "already completed with the same config" in proc.stdout + proc.stderr
     assert len(jobs_in(sweep)) == 2 and (sweep / "optimization_results.yaml").read_text() == results
     assert len(trials(sweep)) == 2
+
+
+def test_a_search_through_the_gpu_launcher_refills_a_slot_as_its_trial_ends(tmp_path):
+    """n_jobs=2 slots, trials of 1 and 4 epochs: the third trial is asked and starts when the short one ends, while
+    the long one still trains (a batch-at-a-time search would wait for both)."""
+    sweep = tmp_path / "sweep"
+    proc = run(*SEARCH, "epochs=choice(1,4)", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+               "hydra/launcher=gpu", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    first, second, third, _ = trials(sweep)
+    assert {first.params["epochs"], second.params["epochs"]} == {1, 4}  # what hydra.sweeper.seed=7 draws
+    long_one = max(first, second, key=lambda t: t.params["epochs"])
+    assert third.datetime_start < long_one.datetime_complete
+    assert all(isinstance(t.value, float) for t in trials(sweep))
+    assert len(jobs_in(sweep)) == 4

@@ -9,7 +9,7 @@ For a task other than run.py's (one without its prepare and finish halves) it ru
 another, as Hydra's basic launcher does. The config is registered here, so any Hydra app can pick it."""
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
@@ -47,3 +47,11 @@ class GpuLauncher(Launcher):
         from normsweep import launcher  # here, not at Hydra's plugin scan: it loads torch and the trainer
 
         return launcher.launch(self, job_overrides, initial_job_idx)
+
+    def launch_refilling(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+                         more: Callable[[JobReturn], List[List[str]]]) -> Sequence[JobReturn]:
+        """launch, and as each job ends, the jobs more(its return) names start in its place (hydra/sweeper=search:
+        a trial's slot is refilled as it finishes or is pruned, not when its whole batch has ended)."""
+        from normsweep import launcher
+
+        return launcher.launch(self, job_overrides, initial_job_idx, more)
