@@ -41,6 +41,22 @@ def cli(main: Callable[[], object]) -> None:
         print(f"error: {where}{e.strerror or e}; choose a folder you can write (hydra.run.dir / hydra.sweep.dir)",
               file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:
+        # submitit (hydra/launcher=slurm, slurm_packed) is optional and imported by its launchers only: its errors
+        # are told by their module. Its FailedJobError carries what sbatch said (a partition that does not exist)
+        if not type(e).__module__.startswith("submitit."):
+            raise
+        print(f"error: {submission_error(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def submission_error(error: Exception) -> str:
+    """submitit's error as one line: sbatch's own complaints (`sbatch: error: invalid partition specified: gpu`),
+    without their prefix, or submitit's first line."""
+    said = [line.strip().removeprefix("sbatch: error:").strip() for line in str(error).splitlines()
+            if line.strip().startswith("sbatch: error:")]
+    what = "; ".join(dict.fromkeys(said)) or (str(error).splitlines() or [type(error).__name__])[0]
+    return f"SLURM did not take the jobs: {what}"
 
 
 def _interrupt(signum: int, frame: object) -> None:

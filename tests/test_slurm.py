@@ -162,3 +162,18 @@ def test_a_packed_task_past_its_time_limit_is_requeued_and_resumes_its_jobs(slur
         summary = read_json(job / files.SUMMARY)
         assert summary["status"] == files.STATUS_COMPLETED and summary["epochs_done"] == epochs
         assert "resuming from the checkpoint after epoch" in (job / "run.log").read_text()
+
+
+@pytest.mark.parametrize("launcher", [PACKED, SLURM], ids=["slurm_packed", "slurm"])
+def test_a_partition_that_does_not_exist_is_one_line(slurm_env, tmp_path, launcher):
+    """sbatch's refusal, as submitit raises it, is one line on stderr with exit code 2: no traceback. (Under
+    hydra/launcher=slurm, hydra-submitit-launcher's own submission prints sbatch's lines before it.)"""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(run_py(*SWEEP, *launcher, "hydra.launcher.partition=nope", f"hydra.sweep.dir={sweep}"),
+                          cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: SLURM did not take the jobs: .*partition.*", last, re.IGNORECASE), proc.stderr
+    assert "Traceback" not in proc.stderr
+    if launcher is PACKED:
+        assert proc.stderr.strip() == last

@@ -5,6 +5,8 @@ CPU). Every job keeps its folder, lock, skip, resume and failure isolation; a ta
 by submitit and runs its chunk again, so its finished jobs are skipped and its unfinished ones resume from their
 checkpoints. Here, not in normsweep/: Hydra instantiates launchers from the hydra_plugins package only. Imports no
 torch at Hydra's plugin scan, and defines nothing where hydra-submitit-launcher is not installed."""
+import contextlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,5 +76,8 @@ if SlurmQueueConf is not None:
             for number, (chunk, first) in enumerate(zip(chunks, firsts)):
                 for offset, overrides in enumerate(chunk):
                     log.info(f"\ttask {number}, #{first + offset} : {' '.join(filter_overrides(overrides))}")
-            tasks = executor.map_array(self, chunks, firsts, [Singleton.get_state()] * len(chunks))
+            # submitit prints sbatch's complaint (a partition that does not exist, ...) and then raises it: run.py's
+            # entry point says it in one line (cli.submission_error), so the print is kept off the console
+            with contextlib.redirect_stderr(io.StringIO()):
+                tasks = executor.map_array(self, chunks, firsts, [Singleton.get_state()] * len(chunks))
             return [ret for task in tasks for ret in task.results()[0]]
