@@ -45,11 +45,16 @@ def test_every_line_of_a_jobs_log_names_the_job(tmp_path):
 
 def _stderr_on_a_terminal(args: list[str], cwd) -> tuple[int, str]:
     """Runs args with stderr on a pseudo-terminal (stdout a pipe); -> (exit code, what reached the terminal)."""
+    import fcntl
     import os
     import pty
+    import struct
     import subprocess
+    import termios
 
     master, slave = pty.openpty()
+    # a terminal of 24 x 100: tqdm draws nothing on a terminal of no size, as a fresh pseudo-terminal is
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=slave, stdin=subprocess.DEVNULL)
     os.close(slave)
     seen = b""

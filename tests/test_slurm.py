@@ -175,5 +175,6 @@ def test_a_partition_that_does_not_exist_is_one_line(slurm_env, tmp_path, launch
     last = proc.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"error: SLURM did not take the jobs: .*partition.*", last, re.IGNORECASE), proc.stderr
     assert "Traceback" not in proc.stderr
+    print(last)
     if launcher is PACKED:
         assert proc.stderr.strip() == last
