@@ -12,7 +12,9 @@ from normsweep.collect import rebuild_from_csv
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 # the baseline each committed table was made with (its README says so)
 TABLES = {"reference": "BatchNorm", "batch_size": "BatchNorm batch_size=64 optim.lr=0.015 optim.max_lr=0.015",
-          "fashion": "BatchNorm data.augment=True", "gpu": None}
+          "fashion": "BatchNorm data.augment=True", "gpu": None,
+          **{f"post_pool/{norm}": f"{label} norm.after_pool=True"
+             for norm, label in (("bn", "BatchNorm"), ("gn", "GroupNorm"), ("ln", "LayerNorm"))}}
 
 
 def test_the_readme_is_a_front_door():
