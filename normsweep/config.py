@@ -147,14 +147,20 @@ def register_configs() -> None:
 
 
 def config_tag(*, _root_: DictConfig) -> str:
-    """'-' and 8 hex digits of the job's whole config (runtime keys aside) when its folder name, made from its choices
-    and its command-line overrides, does not say all of it: when a preset (experiment=...) or a config of the user's
-    own (--config-dir, --config-path, --config-name) set values. Two such jobs then never share a folder. '' else."""
+    """'-' and 8 hex digits of the job's config (runtime keys aside; the settings that differ from the schema's
+    defaults) when its folder name, made from its choices and its command-line overrides, does not say all of it:
+    when a preset (experiment=...) or a config of the user's own (--config-dir, --config-path, --config-name) set
+    values. Two such jobs then never share a folder. '' else."""
     if not config_source_args(_root_.hydra) and _root_.hydra.runtime.choices.get("experiment") is None:
         return ""
     task = {key: OmegaConf.to_container(_root_[key], resolve=True, enum_to_str=True) if OmegaConf.is_config(
         _root_[key]) else _root_[key] for key in _root_ if key != "hydra"}  # hydra holds this very interpolation
-    settings = {k: v for k, v in files.flatten(task).items() if not files.is_runtime_key(k)}
+    # what differs from the schema's defaults, which tells two configs apart as well as the whole config does: a
+    # setting added to the schema later, at its default, then leaves the names of earlier jobs as they were, so that
+    # an interrupted preset sweep resumes (not retrains) across the upgrade
+    defaults = files.flatten(OmegaConf.to_container(OmegaConf.structured(Config), resolve=True, enum_to_str=True))
+    settings = {k: v for k, v in files.flatten(task).items()
+                if not files.is_runtime_key(k) and (k not in defaults or defaults[k] != v)}
     return "-" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

@@ -110,3 +110,26 @@ def test_cli_corrupt_data_root_fails_before_training(tmp_path):
     assert proc.returncode != 0
     assert "train-images-idx3-ubyte" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_setting_at_its_default_leaves_a_presets_folder_name_as_it_was():
+    """A preset's folder name ends in a hash of the settings that differ from the schema's defaults: an option the
+    schema gains later, at its default (as norm.after_pool was), renames no earlier job's folder, so an interrupted
+    preset sweep resumes across the upgrade; a setting that differs still changes it."""
+    import re
+
+    from normsweep.config import config_tag
+
+    def root(*overrides: str):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose(config_name="config", overrides=["experiment=reference_bn_l1", *overrides],
+                           return_hydra_config=True)
+
+    preset = root()
+    tag = config_tag(_root_=preset)
+    assert re.fullmatch(r"-[0-9a-f]{8}", tag)
+    older = OmegaConf.create(OmegaConf.to_container(preset))  # untyped, so that a key can go
+    del older.norm["after_pool"]  # the config as a schema without that option composed it
+    assert config_tag(_root_=older) == tag
+    assert config_tag(_root_=root("norm.after_pool=false")) != tag
+    assert config_tag(_root_=root("dropout=0.2")) != tag
