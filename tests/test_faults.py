@@ -313,10 +313,14 @@ def test_hydras_own_composition_errors_are_one_line_with_exit_2(tmp_path, overri
         assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_ends_with_the_command_that_resumes(tmp_path, sig):
-    proc = subprocess.Popen(run_py("norm=bn,gn", "epochs=2", "data.train_limit=400"), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("sig, sweep_dir", [
+    (signal.SIGINT, None), (signal.SIGTERM, None),
+    # a time to the microsecond: resolved once for the whole sweep, or the checks and the resume line would name a
+    # folder of their own (so it was, whenever the default's second ticked between them)
+    (signal.SIGTERM, "hydra.sweep.dir=outputs/sweeps/${now:%H-%M-%S-%f}")], ids=["SIGINT", "SIGTERM", "now-in-us"])
+def test_an_interrupt_ends_with_the_command_that_resumes(tmp_path, sig, sweep_dir):
+    proc = subprocess.Popen(run_py("norm=bn,gn", "epochs=2", "data.train_limit=400", *filter(None, [sweep_dir])),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob("outputs/sweeps/*/*/" + files.METRICS)) and time.time() < deadline:
         time.sleep(0.05)

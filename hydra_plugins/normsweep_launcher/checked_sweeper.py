@@ -15,6 +15,10 @@ class CheckedSweeper(basic_sweeper.BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from normsweep import app, cli, progress  # here, not at Hydra's plugin scan: app loads torch
 
+        # The sweep folder resolved once, here: Hydra copies this config's resolver cache into every job's config, so
+        # that ${now:...} in it means one time; resolved first by a job's check, each would take its own, and a second
+        # ticking between them put the checks, the progress and the resume line on a folder Hydra never made
+        str(self.config.hydra.sweep.dir)
         # The jobs as BasicSweeper.sweep cuts them (the same three calls), but before it makes the sweep folder
         params = [*self._parse_config(), *arguments]
         overrides = OverridesParser.create(config_loader=self.hydra_context.config_loader).parse_overrides(params)
