@@ -158,10 +158,16 @@ def config_tag(*, _root_: DictConfig) -> str:
     # what differs from the schema's defaults, which tells two configs apart as well as the whole config does: a
     # setting added to the schema later, at its default, then leaves the names of earlier jobs as they were, so that
     # an interrupted preset sweep resumes (not retrains) across the upgrade
-    defaults = files.flatten(OmegaConf.to_container(OmegaConf.structured(Config), resolve=True, enum_to_str=True))
+    defaults = schema_defaults()
     settings = {k: v for k, v in files.flatten(task).items()
                 if not files.is_runtime_key(k) and (k not in defaults or defaults[k] != v)}
     return "-" + hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def schema_defaults() -> dict[str, object]:
+    """Every setting's default, flattened ({'norm.after_pool': True, ...}): what a job's config.yaml written before a
+    setting existed stands for (an option is added at the default that keeps the old behaviour)."""
+    return files.flatten(OmegaConf.to_container(OmegaConf.structured(Config), resolve=True, enum_to_str=True))
 
 
 def config_source_args(hydra_cfg: DictConfig) -> list[str]:

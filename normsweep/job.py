@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from normsweep import files, loggers, progress, tracking
-from normsweep.config import Config, validate
+from normsweep.config import Config, schema_defaults, validate
 from normsweep.data import Dataset, check_root, load_data, split
 from normsweep.runtime import job_scope, resolve_device
 from normsweep.train import Member, drain, training
@@ -47,15 +47,22 @@ CODE_VERSION = git_state()
 
 
 def same_job(old: dict | None, new: dict) -> bool:
-    """Same settings, runtime keys aside. Only keys both configs have are compared: a key the schema gained or lost
-    since the job ran (a new option at its default, a removed one that did nothing) does not make it another job."""
+    """Same settings, runtime keys aside. A key the schema gained since the job ran counts as its default there (the
+    job ran as that default does), so a new option at its default does not make it another job and one set otherwise
+    does; a key the schema lost (a removed option that did nothing) is not compared."""
     if not isinstance(old, dict):
         return False
     old_flat, new_flat = files.flatten(old), files.flatten(new)
     if not all(key in old_flat for key in IDENTITY_KEYS):  # not a job's config at all (a file of the user's)
         return False
-    shared = old_flat.keys() & new_flat.keys()
-    return all(old_flat[k] == new_flat[k] for k in shared if not files.is_runtime_key(k))
+    return not _differing(old_flat, new_flat)
+
+
+def _differing(old_flat: dict, new_flat: dict) -> list[str]:
+    """The non-runtime keys whose values differ, a key the old config lacks counting as its schema default."""
+    old_flat = {**schema_defaults(), **old_flat}
+    return sorted(k for k in old_flat.keys() & new_flat.keys()
+                  if not files.is_runtime_key(k) and old_flat[k] != new_flat[k])
 
 
 # keys every job's config.yaml has held since the first release: a config.yaml without them is nobody's job
@@ -126,10 +133,9 @@ def _whose(config_path: Path, resolved: dict) -> str:
         return f"a run whose {config_path.name} is missing"
     if old is None or not all(key in files.flatten(old) for key in IDENTITY_KEYS):
         return f"a run whose {config_path.name} is unreadable or not a normsweep job's config"
-    old_flat, new_flat = files.flatten(old), files.flatten(resolved)
-    differ = [f"{k}={old_flat[k]} there, {new_flat[k]} here" for k in old_flat.keys() & new_flat.keys()
-              if not files.is_runtime_key(k) and old_flat[k] != new_flat[k]]
-    return f"another config ({'; '.join(sorted(differ)[:3])}{'; ...' if len(differ) > 3 else ''})"
+    old_flat, new_flat = {**schema_defaults(), **files.flatten(old)}, files.flatten(resolved)
+    differ = [f"{k}={old_flat[k]} there, {new_flat[k]} here" for k in _differing(old_flat, new_flat)]
+    return f"another config ({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''})"
 
 
 def prepare_job(cfg: Config, resolved: dict, job_dir: Path, command: str | None = None,

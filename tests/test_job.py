@@ -22,3 +22,10 @@ def test_a_config_that_is_not_a_jobs_is_never_the_same_job():
     assert not same_job({"my": "own config"}, OLD)
     assert not same_job({}, OLD)
     assert not same_job({"seed": 1}, OLD)
+
+
+def test_a_key_the_schema_gained_counts_as_its_default_in_an_older_jobs_config():
+    """A job that ran before norm.after_pool existed ran with the post-pool norm: the same job as after_pool=true,
+    another one than after_pool=false (whose rerun must be refused there, not skipped as completed)."""
+    assert same_job(OLD, {**OLD, "norm": {"name": "bn", "after_pool": True}})
+    assert not same_job(OLD, {**OLD, "norm": {"name": "bn", "after_pool": False}})
