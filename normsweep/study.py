@@ -142,21 +142,29 @@ def run(sweeper, arguments: list[str]) -> list:
         def more(ended) -> list[list[str]]:
             """A trial ended: tell the study, and start the next in its slot (hydra/launcher=gpu refills)."""
             spec = json.loads(ended.hydra_cfg.hydra.job.env_set[progress.TRIAL_ENV])
-            _tell(study, number_of.pop(spec["trial_id"]), ended)
-            trials = next_trials(1)
-            for trial in trials:  # checked as every batch is; the sweep's facts stay the first launch's
+            twins.tell(number_of.pop(spec["trial_id"]), ended)
+            while trials := next_trials(1):
+                trial = trials[0]
+                try:  # checked as every batch is; the sweep's facts stay the first launch's
+                    folders.extend(app.check_sweep(sweeper.hydra_context.config_loader, config, [job_of(trial)])[1])
+                except SystemExit:  # refused, in its one line: a failed trial, while the trials in flight train on
+                    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                    continue
                 number_of[trial._trial_id] = trial.number
-                folders.extend(app.check_sweep(sweeper.hydra_context.config_loader, config, [job_of(trial)])[1])
-            return [job_of(t) for t in trials]
+                return [job_of(trial)]
+            return []
 
+        twins = Twins(study)
         with progress.sweep_bar(folders, facts):
             if refilling:  # every trial of this run in one launch, each slot refilled as its trial ends
                 returns.append(refilling(jobs, number, more))
+                twins.fail_the_rest()
                 break
             results = sweeper.launcher.launch(jobs, initial_job_idx=number)
         number += len(jobs)
         for trial, ret in zip(batch, results):
-            _tell(study, trial.number, ret)
+            twins.tell(trial.number, ret)
+        twins.fail_the_rest()
         returns.append(results)
     best = study.best_trial if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else None
     files.write_atomic(sweep_dir / "optimization_results.yaml", OmegaConf.to_yaml(OmegaConf.create(
@@ -170,6 +178,32 @@ def run(sweeper, arguments: list[str]) -> list:
 def _trial_spec(journal: Path, trial_id: int, settings: dict) -> dict:
     return {"journal": str(journal), "trial_id": trial_id, "pruner": settings["pruner"],
             "pruner_lower": settings["pruner_lower"]}
+
+
+class Twins:
+    """Tells the study each trial's end. Trials of equal values share a job folder: the one whose job was skipped as
+    running elsewhere (its twin of this run held the folder's lock) is told its twin's result when that ends, not a
+    failure (which a small categorical space would make of most trials)."""
+
+    def __init__(self, study):
+        self.study, self.waiting = study, {}  # job folder -> [(trial number, its job's return)]
+
+    def tell(self, number: int, ret) -> None:
+        hydra_cfg = getattr(ret, "hydra_cfg", None)
+        folder = str(hydra_cfg.hydra.runtime.output_dir) if hydra_cfg is not None else None
+        if getattr(ret, "_return_value", None) == files.STATUS_RUNNING and folder:
+            self.waiting.setdefault(folder, []).append((number, ret))
+            return
+        _tell(self.study, number, ret)
+        for twin, _ in self.waiting.pop(folder, []):
+            _tell(self.study, twin, ret)
+
+    def fail_the_rest(self) -> None:
+        """Trials whose twin was no trial of this run (a job running in another process): failed, as before."""
+        for twins in self.waiting.values():
+            for number, ret in twins:
+                _tell(self.study, number, ret)
+        self.waiting.clear()
 
 
 def _tell(study, number: int, ret) -> None:

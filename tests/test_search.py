@@ -152,3 +152,34 @@ def test_a_search_through_the_gpu_launcher_refills_a_slot_as_its_trial_ends(tmp_
     assert third.datetime_start < long_one.datetime_complete
     assert all(isinstance(t.value, float) for t in trials(sweep))
     assert len(jobs_in(sweep)) == 4
+
+
+def test_trials_of_equal_values_share_a_job_and_its_result_not_a_failure(tmp_path):
+    """A space of one point: every trial is the same job. Under the refilling gpu launcher a trial asked while its
+    twin trains finds the folder locked (skipped, running elsewhere); it is told the twin's result when that ends,
+    instead of failing, and the next trial is asked at once."""
+    sweep = tmp_path / "sweep"
+    proc = run(*SEARCH, "hydra.sweeper.params={reg.l1:'choice(0.001)',reg.l2:'choice(0.001)'}",
+               "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2", "hydra/launcher=gpu", f"hydra.sweep.dir={sweep}",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped, running elsewhere" in proc.stdout + proc.stderr
+    assert [t.state.name for t in trials(sweep)] == ["COMPLETE"] * 3
+    assert len({t.value for t in trials(sweep)}) == 1 and len(jobs_in(sweep)) == 1
+
+
+def test_a_refilled_trial_that_is_refused_fails_while_the_others_train_on(tmp_path):
+    """norm.groups=3 does not divide the widths: a refilled trial that draws it is refused in its line and is a
+    failed trial; the trials in flight finish."""
+    sweep = tmp_path / "sweep"
+    seeded = [a for a in SEARCH if not a.startswith("hydra.sweeper.seed=")]  # seed 24 draws groups 4, 4, then 3
+    proc = run(*seeded, "hydra.sweeper.seed=24", "norm=gn",
+               "hydra.sweeper.params={reg.l1:'choice(0.001)',reg.l2:'choice(0.001)'}",
+               "norm.groups=choice(4,3)", "seed=choice(1,2,3,4)", "hydra.sweeper.sampler=random",
+               "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2", "hydra/launcher=gpu", f"hydra.sweep.dir={sweep}",
+               cwd=tmp_path)
+    assert [t.params["norm.groups"] for t in trials(sweep)[:3]] == [4, 4, 3]
+    states = {(t.params["norm.groups"], t.state.name) for t in trials(sweep)}
+    assert len(trials(sweep)) == 6 and not any(t.state.name == "RUNNING" for t in trials(sweep)), proc.stderr
+    assert (3, "FAIL") in states and (4, "COMPLETE") in states, (states, proc.stderr)
+    assert "norm.groups=3 must divide" in proc.stderr
