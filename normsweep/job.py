@@ -58,10 +58,11 @@ def same_job(old: dict | None, new: dict) -> bool:
     return not _differing(old_flat, new_flat)
 
 
-def _differing(old_flat: dict, new_flat: dict) -> list[str]:
-    """The non-runtime keys whose values differ, a key the old config lacks counting as its schema default."""
+def _differing(old_flat: dict, new_flat: dict) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) of the non-runtime settings that differ, in key order, a key the old config lacks
+    counting as its schema default."""
     old_flat = {**schema_defaults(), **old_flat}
-    return sorted(k for k in old_flat.keys() & new_flat.keys()
+    return sorted((k, old_flat[k], new_flat[k]) for k in old_flat.keys() & new_flat.keys()
                   if not files.is_runtime_key(k) and old_flat[k] != new_flat[k])
 
 
@@ -133,8 +134,8 @@ def _whose(config_path: Path, resolved: dict) -> str:
         return f"a run whose {config_path.name} is missing"
     if old is None or not all(key in files.flatten(old) for key in IDENTITY_KEYS):
         return f"a run whose {config_path.name} is unreadable or not a normsweep job's config"
-    old_flat, new_flat = {**schema_defaults(), **files.flatten(old)}, files.flatten(resolved)
-    differ = [f"{k}={old_flat[k]} there, {new_flat[k]} here" for k in _differing(old_flat, new_flat)]
+    differ = [f"{k}={there} there, {here} here"
+              for k, there, here in _differing(files.flatten(old), files.flatten(resolved))]
     return f"another config ({'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''})"
 
 
